@@ -1,0 +1,3 @@
+"""fxpart partitioner: cut a captured graph into pipeline stages or tensor shards."""
+
+__all__: list[str] = []

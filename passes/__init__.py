@@ -1,0 +1,24 @@
+"""fxpart passes: capture a model as an ATen graph and annotate it with costs.
+
+>>> from passes import capture, estimate
+>>> from passes.zoo import tiny_gpt
+>>> model, inputs = tiny_gpt()
+>>> est = estimate(model, inputs, training=True, optimizer="adamw", device="h100")
+>>> est.flops > 0
+True
+"""
+import logging as _logging
+import os as _os
+
+from .capture import CaptureError, capture, is_captured
+from .devices import DEVICES, DeviceSpec, get_device_spec
+from .estimate import Estimate, NodeCost, annotate_costs, estimate
+from .timing import measure_node_times
+
+__all__ = ["capture", "CaptureError", "is_captured", "estimate", "Estimate", "NodeCost", "annotate_costs",
+           "DeviceSpec", "get_device_spec", "DEVICES", "measure_node_times"]
+
+if _os.environ.get("FXPART_DEBUG") == "1":
+    for _name in ("passes", "partitioner", "runtime"):
+        _logging.getLogger(_name).setLevel(_logging.DEBUG)
+    _logging.basicConfig()

@@ -1,0 +1,9 @@
+"""Names of the ``node.meta`` keys fxpart writes (all prefixed ``fxpart.``).
+
+Analyses write only these keys; PyTorch's own keys (``val``, ``tensor_meta``,
+``example_value``, ``nn_module_stack``, ``stack_trace``) are read, never written.
+"""
+
+COST = "fxpart.cost"            # NodeCost of the node (flops, bytes, time)
+CAPTURE = "fxpart.capture"      # on gm.meta: how the graph was captured
+ESTIMATE = "fxpart.estimate"    # on gm.meta: the last Estimate computed for the graph

@@ -1,0 +1,71 @@
+"""Small helpers shared by every pass: reading fake values, sizes, and tables.
+
+Reads ``node.meta["val"]`` (export/AOT), ``node.meta["example_value"]`` (Dynamo)
+or ``node.meta["tensor_meta"]`` (shape propagation); writes nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["node_value", "tensors_of", "tensor_bytes", "format_bytes", "format_count", "format_seconds", "table"]
+
+
+def node_value(node: torch.fx.Node) -> Any:
+    """The fake value a node produces, from whichever dialect captured it (None if unknown)."""
+    for key in ("val", "example_value"):
+        if key in node.meta:
+            return node.meta[key]
+    return node.meta.get("tensor_meta")
+
+
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a (possibly nested) value."""
+    return [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements a tensor addresses (not of its whole storage)."""
+    return t.numel() * t.element_size()
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; binary units as torch.cuda.memory_summary prints them."""
+    if n < 1024:
+        return f"{int(n)} B"
+    exp = min(int(math.log(abs(n), 1024)), 5)
+    return f"{n / 1024 ** exp:.2f} {' KMGTP'[exp]}iB"
+
+
+def format_count(n: float, unit: str = "") -> str:
+    """1.5e9 -> '1.50 G'; decimal prefixes for FLOPs and parameter counts."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:g} {unit}".rstrip()
+
+
+def format_seconds(s: float) -> str:
+    """Seconds in the most readable unit."""
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if s >= scale:
+            return f"{s / scale:.2f} {unit}"
+    return f"{s * 1e9:.0f} ns"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, align: str | None = None) -> str:
+    """A plain-text table; ``align`` has one of 'l'/'r' per column (numbers right by default)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
+
+    lines = [fmt(headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,386 @@
+"""Simulate one forward (or training step) of a captured graph on fake tensors.
+
+Reads a captured ``GraphModule`` and example inputs; writes nothing on the graph
+(``passes.estimate`` turns the result into ``node.meta[COST]``). Nothing is computed
+and no activation memory is allocated: every tensor is a ``FakeTensor``.
+
+What is measured, per graph node and for the whole step:
+
+* FLOPs of every ATen call that actually dispatches, forward and backward (the
+  backward ops autograd runs are charged to the forward node that created their
+  autograd node), with ``flops.count_flops``;
+* memory: every storage the step allocates is followed from allocation to release
+  (views share their base's storage and are counted once), so the peak is that of the
+  step as eager PyTorch would run it: parameters, buffers, inputs, optimizer state,
+  activations saved for backward, gradients and transient buffers.
+
+The optimizer's state is created by one warm-up step before measuring, so the
+measured step is a steady-state one (``zero_grad(set_to_none=True)`` semantics:
+gradients are allocated during backward).
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .flops import count_flops, has_flop_rule
+
+__all__ = ["simulate", "StepTrace", "NodeTrace", "OPTIMIZERS"]
+
+LOSS = "(loss)"
+OPTIMIZER = "(optimizer)"
+OTHER = "(autograd)"
+
+OPTIMIZERS = ("sgd", "adamw")
+
+_SKIP = {torch.ops.prim.device.default, torch.ops.aten.detach.default,
+         torch.ops.profiler._record_function_enter_new.default, torch.ops.profiler._record_function_exit._RecordFunction}
+
+
+@dataclass
+class NodeTrace:
+    """What one graph node did in the simulated step."""
+    flops: int = 0
+    backward_flops: int = 0
+    output_bytes: int = 0      # new storage its forward allocated (views: 0)
+    saved_bytes: int = 0       # of that, storage kept for backward
+    backward_bytes: int = 0    # storage its backward allocated (gradients, temporaries)
+
+
+@dataclass
+class StepTrace:
+    """The simulated step: peak memory with its breakdown, and per-node traces."""
+    peak_bytes: int
+    peak_phase: str                     # "forward", "backward" or "optimizer"
+    peak_node: str                      # node (or "(loss)", "(optimizer)") running at the peak
+    peak_breakdown: dict[str, int]      # bytes by category at the peak
+    resident: dict[str, int]            # bytes by category before the step starts
+    nodes: dict[str, NodeTrace]
+    uncounted_ops: Counter = field(default_factory=Counter)  # ops with no FLOP rule that may compute
+    total_flops: int = 0
+    total_backward_flops: int = 0
+
+
+class _Tracker(TorchDispatchMode):
+    """Follows every storage from allocation to release and charges ops to the current owner."""
+
+    def __init__(self, nodes: dict[str, NodeTrace]):
+        super().__init__()
+        self.nodes = nodes
+        self.owner = "(input)"
+        self.phase = "setup"
+        self.allocs: dict[int, list] = {}      # storage key -> [nbytes, category, owner, weakref]
+        self.live = Counter()                   # category -> bytes
+        self.live_total = 0
+        self.peak = 0
+        self.peak_at = ("setup", "(input)")
+        self.peak_breakdown: dict[str, int] = {}
+        self.autograd_owner: dict[int, str] = {}   # id(autograd Node) -> graph node name
+        self.uncounted = Counter()
+        self.total_flops = 0
+        self.total_backward_flops = 0
+
+    # -- storages -------------------------------------------------------------------------
+    def track(self, t: torch.Tensor, category: str, owner: str | None = None) -> int | None:
+        """Start following ``t``'s storage; returns its bytes if it is new."""
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.allocs:
+            return None
+        nbytes = st.nbytes()
+        ref = weakref.ref(st, lambda _r, k=key: self._free(k))
+        self.allocs[key] = [nbytes, category, owner or self.owner, ref]
+        self.live[category] += nbytes
+        self.live_total += nbytes
+        if self.live_total > self.peak:
+            self.peak = self.live_total
+            self.peak_at = (self.phase, self.owner)
+            self.peak_breakdown = {k: v for k, v in self.live.items() if v}
+        return nbytes
+
+    def _free(self, key: int) -> None:
+        alloc = self.allocs.pop(key, None)
+        if alloc is not None:
+            self.live[alloc[1]] -= alloc[0]
+            self.live_total -= alloc[0]
+
+    def recategorize(self, t: torch.Tensor, category: str) -> None:
+        alloc = self.allocs.get(t.untyped_storage()._cdata)
+        if alloc is not None and alloc[1] != category:
+            self.live[alloc[1]] -= alloc[0]
+            self.live[category] += alloc[0]
+            alloc[1] = category
+
+    # -- ops ------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SKIP:
+            return out
+        owner = self.owner
+        if self.phase == "backward":
+            node = torch._C._current_autograd_node()
+            owner = self.autograd_owner.get(id(node), OTHER) if node is not None else OTHER
+        trace = self.nodes.setdefault(owner, NodeTrace())
+        flops = count_flops(func, args, kwargs, out)
+        if flops == 0 and not has_flop_rule(func) and _may_compute(func):
+            self.uncounted[str(func.overloadpacket)] += 1
+        category = "activation" if self.phase == "forward" else "temporary"
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                nbytes = self.track(t, category, owner) or 0
+                if self.phase == "forward":
+                    trace.output_bytes += nbytes
+                elif self.phase == "backward":
+                    trace.backward_bytes += nbytes
+        if self.phase == "backward":
+            trace.backward_flops += flops
+            self.total_backward_flops += flops
+        elif self.phase == "forward":
+            trace.flops += flops
+            self.total_flops += flops
+        return out
+
+
+_ZERO_FLOP_WORDS = (
+    "view", "reshape", "permute", "transpose", "expand", "squeeze", "unsqueeze", "slice", "select",
+    "split", "chunk", "cat", "stack", "copy", "clone", "_to_copy", "to", "detach", "alias", "t",
+    "contiguous", "empty", "zeros", "ones", "full", "arange", "scalar_tensor", "new_", "fill",
+    "index", "gather", "scatter", "embedding", "where", "masked", "sum", "mean", "amax", "amin",
+    "max", "min", "argmax", "argmin", "softmax", "log_softmax", "layer_norm", "batch_norm",
+    "group_norm", "rms_norm", "dropout", "native_dropout", "bernoulli", "pool", "nll_loss", "var",
+    "std", "cumsum", "tril", "triu", "flip", "roll", "pad", "constant_pad", "topk", "sort", "_assert",
+    "lift_fresh", "sym_", "unbind", "diff", "bitwise", "logical", "upsample", "repeat", "zero",
+    "lerp", "addcmul", "addcdiv", "_foreach", "_fused", "threshold_backward", "silu_backward",
+    "gelu_backward", "tanh_backward", "sigmoid_backward", "nonzero", "unique", "any", "all", "norm",
+    "one_hot", "mse_loss", "cross_entropy", "binary_cross_entropy", "smooth_l1", "huber", "rand",
+    "randn", "randint", "normal", "uniform", "linspace", "ne", "eq", "lt", "le", "gt", "ge", "item",
+    "_local_scalar_dense", "as_strided", "narrow", "movedim", "unfold", "fold", "im2col", "col2im",
+    "_unsafe", "_softmax", "_log_softmax", "native_layer_norm", "native_batch_norm", "_native_batch_norm",
+    "native_group_norm", "_fused_rms_norm", "mul", "add", "sub", "div", "neg", "pow", "exp", "log",
+    "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "relu", "gelu", "silu", "erf", "abs", "sign",
+    "clamp", "hardtanh", "leaky_relu", "elu", "mish", "softplus", "round", "floor", "ceil", "reciprocal",
+    "isnan", "isinf", "maximum", "minimum", "rsub", "bucketize", "searchsorted", "histc", "bincount",
+    "index_add", "index_put", "index_select", "masked_fill", "masked_scatter", "put", "take", "prod",
+    "logsumexp", "_safe_softmax", "_pdist", "cdist", "trace", "diag", "eye", "outer",
+)
+
+
+def _may_compute(func) -> bool:
+    """An op outside the counted families that is not elementwise or data movement."""
+    if torch.Tag.pointwise in getattr(func, "tags", ()):
+        return False
+    name = func.overloadpacket.__name__.removesuffix("_")
+    base = name.removesuffix("_backward").removesuffix("_backward_data")
+    return not any(base == w or base.startswith(w) for w in _ZERO_FLOP_WORDS)
+
+
+class _FakeRunner(torch.fx.Interpreter):
+    """Runs the graph on fake values, marking which node owns each allocation."""
+
+    def __init__(self, gm: torch.fx.GraphModule, attrs: dict[str, torch.Tensor], tracker: _Tracker):
+        super().__init__(gm, garbage_collect_values=True)
+        self.attrs = attrs
+        self.tracker = tracker
+        self.seen_grad_fns: set[int] = set()
+
+    def get_attr(self, target, args, kwargs):
+        if target in self.attrs:
+            return self.attrs[target]
+        return super().get_attr(target, args, kwargs)
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        self.tracker.owner = node.name
+        result = super().run_node(node)
+        if torch.is_grad_enabled():
+            self._claim_grad_fns(node.name, result)
+        return result
+
+    def _claim_grad_fns(self, name: str, result: Any) -> None:
+        """Charge every autograd node this graph node created to it (linear makes t + addmm)."""
+        stack = [t.grad_fn for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor) and t.grad_fn]
+        owners = self.tracker.autograd_owner
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in owners:
+                continue
+            owners[id(fn)] = name
+            self.seen_grad_fns.add(id(fn))
+            _keep_alive.append(fn)
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+_keep_alive: list = []   # grad_fn objects must outlive the step so their ids stay unique
+
+
+def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: bool,
+             optimizer: str | None = None, loss_fn: Callable | None = None,
+             foreach: bool = False) -> StepTrace:
+    """Run one forward (``training=False``, under ``no_grad``) or one training step on fakes.
+
+    Args:
+        gm: a captured graph (``passes.capture``).
+        args, kwargs: example inputs, real or fake, any device (meta included).
+        training: simulate forward + backward (+ optimizer step) instead of a forward.
+        optimizer: None, "sgd" or "adamw" (PyTorch defaults; state created by a warm-up step).
+        loss_fn: called on the model's outputs; None sums every floating-point output.
+        foreach: use the optimizer's multi-tensor kernels (the default on GPUs).
+
+    Returns:
+        A ``StepTrace``.
+    """
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS} or None")
+    nodes: dict[str, NodeTrace] = {n.name: NodeTrace() for n in gm.graph.nodes}
+    tracker = _Tracker(nodes)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with fake_mode:
+            attrs, params, buffers = _fake_state(gm, fake_mode, training)
+            flat_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                           for t in _flat_inputs(gm, args, kwargs)]
+            opt = _warm_optimizer(optimizer, params, foreach) if training else None
+        for p in params:
+            tracker.track(p, "param")
+        for b in buffers:
+            tracker.track(b, "buffer")
+        for t in flat_inputs:
+            if isinstance(t, torch.Tensor):
+                tracker.track(t, "input")
+        if opt is not None:
+            for t in tree_flatten(opt.state_dict()["state"])[0]:
+                if isinstance(t, torch.Tensor):
+                    tracker.track(t, "optimizer")
+        resident = {k: v for k, v in tracker.live.items() if v}
+        with fake_mode, tracker:
+            _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
+    finally:
+        _keep_alive.clear()
+    return StepTrace(
+        peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0], peak_node=tracker.peak_at[1],
+        peak_breakdown=tracker.peak_breakdown, resident=resident, nodes=nodes,
+        uncounted_ops=tracker.uncounted, total_flops=tracker.total_flops,
+        total_backward_flops=tracker.total_backward_flops)
+
+
+def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -> None:
+    runner = _FakeRunner(gm, attrs, tracker)
+    tracker.phase = "forward"
+    if not training:
+        with torch.no_grad():
+            runner.run(*flat_inputs)
+        return
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recategorize(p.grad, "grad"))
+             for p in params if p.requires_grad]
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        alloc = tracker.allocs.get(key)
+        if alloc is not None and alloc[1] == "activation" and key not in saved_keys:
+            saved_keys.add(key)   # views of one storage are saved once
+            tracker.nodes.setdefault(alloc[2], NodeTrace()).saved_bytes += alloc[0]
+        return t
+
+    saved_keys: set[int] = set()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flat_out = runner.run(*flat_inputs)
+    tracker.owner = LOSS
+    loss = _loss(gm, flat_out, loss_fn)
+    del flat_out
+    runner = None  # noqa: F841 - drop the interpreter's references
+    tracker.phase = "backward"
+    loss.backward()
+    del loss
+    for h in hooks:
+        h.remove()
+    if opt is not None:
+        tracker.phase, tracker.owner = "optimizer", OPTIMIZER
+        opt.step()
+
+
+def _loss(gm: torch.fx.GraphModule, flat_out: Any, loss_fn: Callable | None) -> torch.Tensor:
+    if loss_fn is not None:
+        loss = loss_fn(_unflatten_outputs(gm, flat_out))
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise ValueError(f"loss_fn must return a one-element tensor, got {type(loss).__name__}"
+                             f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
+        return loss
+    floats = [t for t in tree_flatten(flat_out)[0]
+              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise ValueError("the model returns no floating-point output that depends on trainable parameters, "
+                         "so a training step has no backward; pass loss_fn or training=False")
+    loss = floats[0].sum()
+    for t in floats[1:]:
+        loss = loss + t.sum()
+    return loss
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        import torch.fx._pytree as fx_pytree
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec))
+    if kwargs:
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        return list(args) + [kwargs[name] for name in names[len(args):]]
+    return list(args)
+
+
+def _unflatten_outputs(gm: torch.fx.GraphModule, flat_out: Any) -> Any:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        return tree_unflatten(list(flat_out), info.out_spec)
+    return flat_out
+
+
+def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: bool):
+    """Fake copies of the graph's parameters and buffers (tied ones stay one tensor)."""
+    attrs, params, buffers, seen = {}, [], [], {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if id(t) not in seen:
+            fake = fake_mode.from_tensor(t)
+            if isinstance(t, torch.nn.Parameter):
+                fake.requires_grad_(training and t.requires_grad)
+                params.append(fake)
+            else:
+                buffers.append(fake)
+            seen[id(t)] = fake
+        attrs[name] = seen[id(t)]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in attrs:
+            value = _fetch(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                attrs[node.target] = seen.get(id(value)) or fake_mode.from_tensor(value)
+    return attrs, params, buffers
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _warm_optimizer(optimizer: str | None, params: list[torch.Tensor], foreach: bool):
+    """An optimizer whose state exists, as after earlier steps."""
+    trainable = [p for p in params if p.requires_grad]
+    if optimizer is None or not trainable:
+        return None
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(trainable, lr=1e-3, foreach=foreach)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=foreach)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
