@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .capture import _inputs_on_model_device
 from .flops import count_flops, has_flop_rule
 
 __all__ = ["simulate", "StepTrace", "NodeTrace", "OPTIMIZERS"]
@@ -84,6 +85,7 @@ class _Tracker(TorchDispatchMode):
         self.peak_at = ("setup", "(input)")
         self.peak_breakdown: dict[str, int] = {}
         self.autograd_owner: dict[int, str] = {}   # id(autograd Node) -> graph node name
+        self.grad_fns: list = []                   # those autograd Nodes, kept alive while ids are used
         self.uncounted = Counter()
         self.total_flops = 0
         self.total_backward_flops = 0
@@ -190,7 +192,6 @@ class _FakeRunner(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.attrs = attrs
         self.tracker = tracker
-        self.seen_grad_fns: set[int] = set()
 
     def get_attr(self, target, args, kwargs):
         if target in self.attrs:
@@ -213,12 +214,8 @@ class _FakeRunner(torch.fx.Interpreter):
             if fn is None or id(fn) in owners:
                 continue
             owners[id(fn)] = name
-            self.seen_grad_fns.add(id(fn))
-            _keep_alive.append(fn)
+            self.tracker.grad_fns.append(fn)   # alive until the step ends, so ids stay unique
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
-
-
-_keep_alive: list = []   # grad_fn objects must outlive the step so their ids stay unique
 
 
 def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: bool,
@@ -239,31 +236,30 @@ def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: b
     """
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS} or None")
+    # a graph captured from a meta model has meta constants baked in: its inputs go to meta too
+    args, kwargs = _inputs_on_model_device(gm, args, kwargs)
     nodes: dict[str, NodeTrace] = {n.name: NodeTrace() for n in gm.graph.nodes}
     tracker = _Tracker(nodes)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with fake_mode:
-            attrs, params, buffers = _fake_state(gm, fake_mode, training)
-            flat_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
-                           for t in _flat_inputs(gm, args, kwargs)]
-            opt = _warm_optimizer(optimizer, params, foreach) if training else None
-        for p in params:
-            tracker.track(p, "param")
-        for b in buffers:
-            tracker.track(b, "buffer")
-        for t in flat_inputs:
+    with fake_mode:
+        attrs, params, buffers = _fake_state(gm, fake_mode, training)
+        flat_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                       for t in _flat_inputs(gm, args, kwargs)]
+        opt = _warm_optimizer(optimizer, params, foreach) if training else None
+    for p in params:
+        tracker.track(p, "param")
+    for b in buffers:
+        tracker.track(b, "buffer")
+    for t in flat_inputs:
+        if isinstance(t, torch.Tensor):
+            tracker.track(t, "input")
+    if opt is not None:
+        for t in tree_flatten(opt.state_dict()["state"])[0]:
             if isinstance(t, torch.Tensor):
-                tracker.track(t, "input")
-        if opt is not None:
-            for t in tree_flatten(opt.state_dict()["state"])[0]:
-                if isinstance(t, torch.Tensor):
-                    tracker.track(t, "optimizer")
-        resident = {k: v for k, v in tracker.live.items() if v}
-        with fake_mode, tracker:
-            _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
-    finally:
-        _keep_alive.clear()
+                tracker.track(t, "optimizer")
+    resident = {k: v for k, v in tracker.live.items() if v}
+    with fake_mode, tracker:
+        _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
     return StepTrace(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0], peak_node=tracker.peak_at[1],
         peak_breakdown=tracker.peak_breakdown, resident=resident, nodes=nodes,
