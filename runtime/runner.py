@@ -1,0 +1,367 @@
+"""``Runner``: run a pipeline ``Plan`` across processes, one stage per rank, with torch.distributed.
+
+Reads a ``Plan`` (stage GraphModules, ``in_spec``/``out_spec``, ``shared_params``) and
+interprets a schedule from ``runtime.schedules``. Activations go forward and gradients
+backward point-to-point between neighbouring ranks; every message is preceded by a small
+int64 header giving each tensor's dtype and shape, so micro-batch shapes need not be
+guessed from the plan's example batch.
+
+Launch with ``torchrun --nproc-per-node <n_stages> script.py``.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import resource
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .schedules import Action, make_schedule
+
+__all__ = ["Runner", "StageError"]
+
+log = logging.getLogger(__name__)
+
+_MAX_DIMS = 8
+_HEADER = 2 + _MAX_DIMS          # dtype code, ndim, dims (padded)
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool]
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+
+class StageError(RuntimeError):
+    """An action failed on one rank; the message names the rank, the stage and the action."""
+
+
+class Runner:
+    """Run a pipeline plan on ``len(plan.stages)`` ranks: rank r holds stage r only.
+
+    Args:
+        plan: a pipeline ``Plan`` from ``partitioner.partition``.
+        schedule: ``"1f1b"`` or ``"gpipe"``.
+        n_microbatches: micro-batches per ``step``; the batch must divide evenly.
+        loss_fn: ``loss_fn(outputs, target_mb) -> scalar`` (mean-reduced for full-batch equivalence).
+        optimizer_fn: ``optimizer_fn(params) -> torch.optim.Optimizer`` for this rank's parameters.
+        timeout_s: process-group timeout, so a failure on one rank does not hang its peers forever
+            (used when the Runner initialises the process group itself).
+
+    Raises:
+        ValueError: the world size differs from the number of stages, or a bad schedule.
+
+    Example (``torchrun --nproc-per-node 2``):
+        >>> runner = Runner(plan, n_microbatches=2, loss_fn=F.mse_loss,
+        ...                 optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        >>> loss = runner.step((x,), y)
+    """
+
+    def __init__(self, plan, *, schedule: str = "1f1b", n_microbatches: int = 1,
+                 loss_fn: Callable | None = None, optimizer_fn: Callable | None = None, timeout_s: float = 300.0):
+        if getattr(plan, "strategy", "pipeline") != "pipeline":
+            raise ValueError(f"Runner runs pipeline plans; this plan's strategy is {plan.strategy!r}")
+        if not isinstance(n_microbatches, int) or n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+        self.n_stages = len(plan.stages)
+        self._init_process_group(timeout_s)
+        self.rank = dist.get_rank()
+        self.stage_index = self.rank
+        self.device = self._pick_device()
+        self._example_shapes = _placeholder_shapes(plan.stages[0].module)
+        self.module = plan.stages[self.rank].module.to(self.device)   # only our stage is kept
+        self.estimated_memory_bytes = int(plan.stages[self.rank].cost.memory_bytes)
+        self.in_spec, self.out_spec = plan.in_spec, plan.out_spec
+        self.n_microbatches = n_microbatches
+        self.schedule_name = schedule
+        self.actions = make_schedule(schedule, self.n_stages, n_microbatches)[self.rank]
+        self.loss_fn, self.optimizer_fn = loss_fn, optimizer_fn
+        self.optimizer = None
+        self._tied = self._tied_groups(plan.shared_params)
+        self._pending: list = []
+
+    # -- setup ----------------------------------------------------------------------------
+    def _init_process_group(self, timeout_s: float) -> None:
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+        else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.n_stages:
+            raise ValueError(f"the plan has {self.n_stages} stages but the world size is {world}; launch with "
+                             f"torchrun --nproc-per-node {self.n_stages} (one rank per stage)")
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+    def _pick_device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _tied_groups(self, shared: dict) -> list:
+        """Process groups for tied parameters, created in the same order on every rank."""
+        groups = []
+        params = dict(self.module.named_parameters())
+        by_ranks: dict[tuple, Any] = {}
+        for name, stages in sorted(shared.items()):
+            ranks = tuple(sorted(stages))
+            if ranks not in by_ranks:
+                by_ranks[ranks] = dist.new_group(list(ranks))    # collective: every rank calls it
+            if self.rank in ranks:
+                if name not in params:
+                    raise ValueError(f"tied parameter {name!r} is listed for stage {self.rank} but the stage holds "
+                                     f"{sorted(params)[:8]}...; the plan's shared_params do not match its stages")
+                groups.append((params[name], by_ranks[ranks]))
+        return groups
+
+    # -- public ----------------------------------------------------------------------------
+    def forward(self, *inputs, **kwargs):
+        """Run one batch of the planned example shape through the pipeline (no gradients).
+
+        Every rank passes the same inputs (only rank 0 uses them) and returns the outputs.
+        """
+        flat = self._flatten(inputs, kwargs)
+        self._check_shapes(flat, "forward")
+        with torch.no_grad():
+            values = self._guarded(Action(self.rank, "F", 0), lambda: self._forward_values(flat, 0, train=False))
+        self._wait()
+        result = [None]
+        if self.rank == self.n_stages - 1:
+            result = [[v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in values]]
+        dist.broadcast_object_list(result, src=self.n_stages - 1,
+                                   device=self.device if self.device.type == "cuda" else None)
+        outs = [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in result[0]]
+        return self._unflatten(outs)
+
+    __call__ = forward
+
+    def step(self, inputs, target) -> float:
+        """One training step over ``n_microbatches`` micro-batches; returns the mean loss on every rank.
+
+        ``inputs``: a tuple of positional inputs (or one tensor, or a dict of keyword inputs);
+        every tensor is split on dim 0. ``target`` is split the same way.
+        """
+        if self.optimizer_fn is None:
+            raise ValueError("Runner.step needs optimizer_fn, e.g. optimizer_fn=lambda params: "
+                             "torch.optim.SGD(params, lr=1e-3); none was given to Runner(...)")
+        if self.loss_fn is None:   # checked on every rank, so no rank starts a step its peers refuse
+            raise ValueError("Runner.step needs loss_fn(outputs, target_mb) -> scalar tensor; none was given to "
+                             "Runner(...)")
+        if self.optimizer is None:
+            self.optimizer = self.optimizer_fn([p for p in self.module.parameters() if p.requires_grad])
+        m = self.n_microbatches
+        if isinstance(inputs, dict):
+            args, kwargs = (), inputs
+        elif isinstance(inputs, (tuple, list)):
+            args, kwargs = tuple(inputs), {}
+        else:
+            args, kwargs = (inputs,), {}
+        flats = [self._flatten(a, k) for a, k in zip(*_split((args, kwargs), m, "inputs"))]
+        self._check_shapes(flats[0], "step")
+        targets = _split(target, m, "target") if self.rank == self.n_stages - 1 else None
+        state: dict[int, Any] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.module.train()
+        for action in self.actions:
+            if action.kind == "F":
+                state[action.microbatch] = self._guarded(
+                    action, lambda: self._train_forward(action.microbatch, flats, targets))
+                if self.rank == self.n_stages - 1:
+                    loss_sum += state[action.microbatch][1].detach().to(torch.float64)
+            else:
+                self._guarded(action, lambda: self._train_backward(action.microbatch, state.pop(action.microbatch)))
+        self._wait()
+        log.debug("rank %d: %d actions of %s done", self.rank, len(self.actions), self.schedule_name)
+        self._sync_tied_grads()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = (loss_sum / m).to(torch.float32)
+        dist.broadcast(loss, src=self.n_stages - 1)
+        return float(loss)
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0 (keys are the captured graph's FQNs); None elsewhere.
+
+        A tied parameter appears once, under the name the captured graph gives it.
+        """
+        local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        gathered = [None] * self.n_stages if self.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        merged: dict = {}
+        for part in gathered:
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        return merged
+
+    def memory_report(self) -> list[dict]:
+        """Measured peak memory next to the plan's estimate, one row per rank (on every rank).
+
+        CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set size
+        (``ru_maxrss``), which also counts the interpreter, torch and anything the script built.
+        """
+        if self.device.type == "cuda":
+            measured, how = torch.cuda.max_memory_allocated(self.device), "cuda.max_memory_allocated"
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            measured, how = (rss if sys.platform == "darwin" else rss * 1024), "ru_maxrss (whole process)"
+        row = {"rank": self.rank, "stage": self.stage_index, "measured_peak_bytes": int(measured),
+               "estimated_bytes": self.estimated_memory_bytes, "measured_by": how}
+        rows = [None] * self.n_stages
+        dist.all_gather_object(rows, row)
+        return rows
+
+    # -- pipeline pieces ----------------------------------------------------------------------------
+    def _train_forward(self, mb: int, flats, targets):
+        inputs = self._stage_inputs(mb, flats, train=True)
+        outputs = self.module(*inputs)
+        if self.rank == self.n_stages - 1:
+            flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+            loss = self.loss_fn(self._unflatten(flat), targets[mb])
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+            return inputs, loss
+        self._send(outputs, mb, "F")
+        return inputs, outputs
+
+    def _train_backward(self, mb: int, saved) -> None:
+        inputs, outputs = saved
+        if self.rank == self.n_stages - 1:
+            (outputs / self.n_microbatches).backward()
+        else:
+            floats = [t for t in outputs if t.is_floating_point()]
+            grads = self._recv_tensors([(t.dtype, t.shape) for t in floats], self.rank + 1, mb, "B")
+            pairs = [(t, g) for t, g in zip(floats, grads) if t.requires_grad]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        if self.rank > 0:
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t)
+                     for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            self._send_tensors(grads, self.rank - 1, mb, "B")
+
+    def _forward_values(self, flat, mb: int, *, train: bool):
+        values = self.module(*self._stage_inputs(mb, [flat], train=train))
+        if self.rank < self.n_stages - 1:
+            self._send(values, mb, "F")
+            return None
+        return list(values) if isinstance(values, (tuple, list)) else [values]
+
+    def _stage_inputs(self, mb: int, flats, *, train: bool) -> list:
+        if self.rank == 0:
+            return [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in flats[mb]]
+        values = self._recv(self.rank - 1, mb, "F")
+        if train:
+            for v in values:
+                if v.is_floating_point():
+                    v.requires_grad_(True)
+        return values
+
+    def _sync_tied_grads(self) -> None:
+        for param, group in self._tied:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
+
+    # -- communication ----------------------------------------------------------------------------
+    def _send(self, values, mb: int, kind: str) -> None:
+        values = list(values) if isinstance(values, (tuple, list)) else [values]
+        for v in values:
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"stage {self.rank} sends a {type(v).__name__}; only tensors may cross a cut")
+        header = torch.zeros(len(values) * _HEADER, dtype=torch.int64)
+        for i, v in enumerate(values):
+            if v.dim() > _MAX_DIMS or v.dtype not in _CODE:
+                raise TypeError(f"cannot send a {v.dtype} tensor of shape {tuple(v.shape)} between stages")
+            header[i * _HEADER:(i + 1) * _HEADER] = torch.tensor(
+                [_CODE[v.dtype], v.dim()] + list(v.shape) + [0] * (_MAX_DIMS - v.dim()))
+        self._send_tensors([header.to(self.device)] + values, self.rank + 1, mb, kind)
+
+    def _recv(self, src: int, mb: int, kind: str) -> list[torch.Tensor]:
+        n = len([n for n in self.module.graph.nodes if n.op == "placeholder"])
+        header = self._recv_tensors([(torch.int64, (n * _HEADER,))], src, mb, kind, first_index=0)[0].cpu()
+        specs = []
+        for i in range(n):
+            row = header[i * _HEADER:(i + 1) * _HEADER].tolist()
+            specs.append((_DTYPES[row[0]], tuple(row[2:2 + row[1]])))
+        return self._recv_tensors(specs, src, mb, kind, first_index=1)
+
+    def _send_tensors(self, tensors, dst: int, mb: int, kind: str) -> None:
+        for i, t in enumerate(tensors):
+            t = t.detach().contiguous()
+            self._pending.append((dist.isend(t, dst, tag=_tag(mb, kind, i)), t))
+
+    def _recv_tensors(self, specs, src: int, mb: int, kind: str, first_index: int = 0) -> list[torch.Tensor]:
+        out = []
+        for i, (dtype, shape) in enumerate(specs):
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            dist.recv(buf, src, tag=_tag(mb, kind, first_index + i))
+            out.append(buf)
+        return out
+
+    def _wait(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _guarded(self, action: Action, fn: Callable):
+        try:
+            return fn()
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError(f"rank {self.rank} (stage {self.stage_index}) failed at action {action} of "
+                             f"schedule {self.schedule_name}: {type(e).__name__}: {e}") from e
+
+    def _check_shapes(self, flat: list, where: str) -> None:
+        """Stage graphs are specialised to the planned example batch: refuse other shapes on every rank."""
+        got = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+        if got != self._example_shapes:
+            per = " per micro-batch" if where == "step" else ""
+            raise ValueError(f"Runner.{where}: the inputs{per} have shapes {got}, but the plan's stage graphs were "
+                             f"captured for {self._example_shapes}; partition with an example batch of the "
+                             f"micro-batch size (batch / n_microbatches) and pass batches of "
+                             f"n_microbatches x that size to step()")
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list:
+        if self.in_spec is not None:
+            import torch.fx._pytree as fx_pytree
+            return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), self.in_spec))
+        if kwargs:
+            raise TypeError("this plan takes positional inputs only")
+        return list(args)
+
+    def _unflatten(self, values: list):
+        if self.out_spec is not None:
+            return tree_unflatten(list(values), self.out_spec)
+        return values[0] if len(values) == 1 else tuple(values)
+
+
+def _placeholder_shapes(gm: torch.fx.GraphModule) -> list:
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in vals]
+
+
+def _tag(mb: int, kind: str, index: int) -> int:
+    return (mb * 2 + (kind == "B")) * 4096 + index
+
+
+def _split(tree, m: int, what: str) -> list:
+    """``m`` equal slices of every tensor in ``tree`` on dim 0 (other leaves are repeated)."""
+    leaves, spec = tree_flatten(tree)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] % m:
+            raise ValueError(f"{what}: dim 0 of a tensor of shape {tuple(leaf.shape)} does not split into "
+                             f"n_microbatches={m} equal micro-batches")
+    chunks = [leaf.chunk(m) if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None for leaf in leaves]
+    out = [tree_unflatten([c[i] if c is not None else leaf for c, leaf in zip(chunks, leaves)], spec)
+           for i in range(m)]
+    if what == "inputs":   # [(args, kwargs)] -> (args_list, kwargs_list)
+        return [a for a, _ in out], [k for _, k in out]
+    return out
