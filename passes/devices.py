@@ -40,12 +40,21 @@ class DeviceSpec:
     source: str = ""
 
     def __post_init__(self):
-        if not self.peak_flops or min(self.peak_flops.values()) <= 0:
+        # `not x > 0` rather than `x <= 0`: NaN must fail too
+        if not self.peak_flops or not all(v > 0 for v in self.peak_flops.values()):
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs a positive FLOP/s per dtype, "
                              f"got {self.peak_flops}")
-        if self.memory_bandwidth_Bps <= 0 or self.link_bandwidth_Bps <= 0:
+        if not (self.memory_bandwidth_Bps > 0 and self.link_bandwidth_Bps > 0):
             raise ValueError(f"DeviceSpec {self.name!r}: memory_bandwidth_Bps and link_bandwidth_Bps must "
-                             f"be positive")
+                             f"be positive, got {self.memory_bandwidth_Bps} and {self.link_bandwidth_Bps}")
+        if not (self.memory_bytes >= 0 and self.launch_s >= 0):
+            raise ValueError(f"DeviceSpec {self.name!r}: memory_bytes and launch_s must be >= 0 (0: unknown "
+                             f"memory, no launch cost), got {self.memory_bytes} and {self.launch_s}")
+
+    def __hash__(self) -> int:
+        # the generated hash would fail on the peak_flops dict; a frozen spec should work as a key
+        return hash((self.name, tuple(sorted((str(k), v) for k, v in self.peak_flops.items())),
+                     self.memory_bandwidth_Bps, self.memory_bytes, self.link_bandwidth_Bps, self.launch_s))
 
     def flops_per_s(self, dtype: torch.dtype) -> float:
         """Peak FLOP/s for matmuls in ``dtype`` (float32 when the dtype is not listed)."""

@@ -168,7 +168,9 @@ def annotate_costs(gm: torch.fx.GraphModule, trace, spec: DeviceSpec, *, trainin
     for node in gm.graph.nodes:
         t = trace.nodes.get(node.name)
         flops, bflops = (t.flops, t.backward_flops) if t else (0, 0)
-        fwd, bwd = roofline_s(node, flops, bflops, spec)
+        # a backward that allocated (gradients, temporaries) launched kernels even at 0 FLOPs
+        has_backward = bool(t and (t.backward_flops or t.backward_bytes))
+        fwd, bwd = roofline_s(node, flops, bflops, spec, has_backward=has_backward)
         if node.name in node_times:
             measured = node_times[node.name]
             bwd = bwd * measured / fwd if fwd else bwd

@@ -198,6 +198,12 @@ class _FakeRunner(torch.fx.Interpreter):
             return self.attrs[target]
         return super().get_attr(target, args, kwargs)
 
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.scaled_dot_product_attention.default and _meta_attention(args, kwargs):
+            return _fused_attention(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
     def run_node(self, node: torch.fx.Node) -> Any:
         self.tracker.owner = node.name
         result = super().run_node(node)
@@ -216,6 +222,19 @@ class _FakeRunner(torch.fx.Interpreter):
             owners[id(fn)] = name
             self.tracker.grad_fns.append(fn)   # alive until the step ends, so ids stay unique
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+def _meta_attention(args, kwargs) -> bool:
+    """On the meta device sdpa falls back to its math decomposition, which saves the
+    seq x seq scores for backward; every real device (CUDA flash/efficient, CPU flash)
+    runs a fused kernel that saves only the output and a per-row logsumexp."""
+    return isinstance(args[0], torch.Tensor) and args[0].is_meta and not kwargs.get("enable_gqa", False)
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                     enable_gqa=False):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
 
 def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: bool,

@@ -44,15 +44,21 @@ def _dtype(node: torch.fx.Node) -> torch.dtype:
     return torch.float32
 
 
-def roofline_s(node: torch.fx.Node, flops: int, backward_flops: int, spec: DeviceSpec) -> tuple[float, float]:
-    """(forward seconds, backward seconds) of one node on ``spec``."""
+def roofline_s(node: torch.fx.Node, flops: int, backward_flops: int, spec: DeviceSpec, *,
+               has_backward: bool | None = None) -> tuple[float, float]:
+    """(forward seconds, backward seconds) of one node on ``spec``.
+
+    ``has_backward``: whether autograd ran kernels for the node's backward; None means
+    ``backward_flops > 0``. Norms, activations and embeddings count 0 FLOPs but their
+    backward still moves memory, so pass True for them.
+    """
     io = node_io_bytes(node)
     if io == 0 and flops == 0:
         return 0.0, 0.0
     peak = spec.flops_per_s(_dtype(node))
     forward = max(flops / peak, io / spec.memory_bandwidth_Bps) + spec.launch_s
     backward = 0.0
-    if backward_flops:
+    if backward_flops or has_backward:
         backward = max(backward_flops / peak, 2 * io / spec.memory_bandwidth_Bps) + 2 * spec.launch_s
     return forward, backward
 

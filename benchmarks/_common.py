@@ -1,0 +1,81 @@
+"""Helpers shared by the benchmarks: statistics, peak memory and markdown tables.
+
+Reads nothing; ``write_result`` writes ``benchmarks/results/<name>``. Importing this
+module puts the repository root on ``sys.path``, so the benchmarks run from a bare
+checkout (a GPU machine without ``pip install -e .``) as well as from the venv.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+__all__ = ["REPO", "RESULTS", "median", "peak_rss_bytes", "spearman", "md_table", "write_result"]
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties sharing their average rank (as scipy.stats.rankdata)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's r of the ranks (ties averaged)."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(xs)} and {len(ys)}")
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers right-aligned."""
+    rows = [[str(c) for c in row] for row in rows]
+    numeric = [all(_is_number(r[i]) for r in rows) if rows else False for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s.rstrip("%x").replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def write_result(name: str, text: str) -> Path:
+    """Write ``benchmarks/results/<name>`` and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
