@@ -179,10 +179,11 @@ def report(cap: dict, est: dict, gpt2: list[dict], seq: int) -> str:
         "Each row block is its own subprocess (peak RSS per case; imports of torch and transformers included).", "",
         llama, "",
         "Anchor (ANCHORS.md): `torch.export` alone 9.3 s, 0.45 GB, 5,917 nodes. Bar: under 60 s and 2 GB.", "",
-        "On the meta device `aten.scaled_dot_product_attention` dispatches to its math decomposition (bmm, "
-        "softmax, bmm), which materialises and saves the seq x seq scores; a GPU (or a CPU tensor) takes a "
-        "fused kernel that saves only the output and the logsumexp. The saved activations and the peak above "
-        "are those of the math path.", "",
+        "On the meta device `aten.scaled_dot_product_attention` would fall back to its math decomposition "
+        "(bmm, softmax, bmm), which saves the seq x seq scores; the simulation runs the fused kernel instead, "
+        "as a GPU (or a CPU tensor) does, which saves only the output and the logsumexp. The peak falls in the "
+        "optimizer step: AdamW's multi-tensor (foreach) kernels, the default on GPUs, hold a parameter-sized "
+        "temporary.", "",
         "## (b) GPT-2 small (124M, real random fp32 weights, seq 1024), training step with AdamW on h100", "",
         "RSS before = current RSS after building the model (weights resident), just before `estimate`; "
         "peak growth = the process's peak RSS at the end minus that. Real activations would need the "

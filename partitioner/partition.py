@@ -72,7 +72,7 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     spec = get_device_spec(device)
     gm = capture(model_or_gm, args, kwargs)
-    est = estimate(gm, args, kwargs, device=spec, training=training, optimizer=optimizer if training else None)
+    est = _estimate_once(gm, args, kwargs, spec, training, optimizer if training else None)
     costs = PipelineCosts.of(gm, training=training, link_Bps=spec.link_bandwidth_Bps, balance=balance)
     n_nodes = len(costs.order)
     n_cuttable = int(costs.cuttable[1:n_nodes].sum())
@@ -98,6 +98,15 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
                       optimizer=optimizer if training else None, balance=balance, model=est.model)
     log.debug("pipeline plan:\n%s", plan.report())
     return plan
+
+
+def _estimate_once(gm, args, kwargs, spec, training, optimizer):
+    """The graph's costs; an estimate already on the graph for the same device and step is reused."""
+    from passes._keys import ESTIMATE
+    est = gm.meta.get(ESTIMATE)
+    if est is not None and (est.device, est.training, est.optimizer) == (spec, training, optimizer):
+        return est
+    return estimate(gm, args, kwargs, device=spec, training=training, optimizer=optimizer)
 
 
 def _check_args(n_devices, strategy, schedule, balance, optimizer, memory_limit) -> None:
@@ -130,8 +139,8 @@ def _pinned_positions(costs: PipelineCosts, cuts: Sequence[str], n_devices: int)
             raise ValueError(f"cut {cut!r} is neither a node name nor a module path of the graph (or it is the "
                              f"first node); node names look like {order.nodes[len(order.nodes) // 2].name!r}")
         if not costs.cuttable[pos]:
-            raise ValueError(f"cannot cut before {order.nodes[pos].name!r}: a tuple or scalar crosses there; "
-                             f"pick a neighbouring node")
+            raise ValueError(f"cannot cut before {order.nodes[pos].name!r}: a tuple or scalar crosses there, or "
+                             f"the node before it produces no tensor; pick a neighbouring node")
         positions.append(pos)
     if positions != sorted(set(positions)):
         raise ValueError(f"cuts must be distinct and in graph order, got {list(cuts)} at positions {positions}")

@@ -233,6 +233,10 @@ def _meta_attention(args, kwargs) -> bool:
 
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                      enable_gqa=False):
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # as sdpa itself does before picking a kernel: an additive float mask, which backward saves
+        neg_inf = torch.scalar_tensor(float("-inf"), dtype=query.dtype, device=query.device)
+        attn_mask = torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=query.dtype, device=query.device), neg_inf)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
@@ -277,7 +281,8 @@ def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: b
             if isinstance(t, torch.Tensor):
                 tracker.track(t, "optimizer")
     resident = {k: v for k, v in tracker.live.items() if v}
-    with fake_mode, tracker:
+    # a training step needs autograd even when the caller is inside torch.no_grad()
+    with fake_mode, tracker, torch.set_grad_enabled(training):
         _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
     return StepTrace(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0], peak_node=tracker.peak_at[1],
