@@ -57,7 +57,9 @@ class ComputeOrder:
 
     def crossing(self) -> tuple[list[int], list[int], list[bool]]:
         """Per cut position 0..n: bytes crossing, float bytes crossing (gradients flow back), and
-        whether every crossing value is a tensor (a cut through a tuple or a scalar is not allowed)."""
+        whether the cut is allowed: every crossing value is a tensor (not a tuple or a scalar), and
+        the node before it produces a tensor (a guard or an assert stays with what follows, so no
+        stage is made of checks alone)."""
         n = len(self.nodes)
         total = [0] * (n + 2)
         floats = [0] * (n + 2)
@@ -84,6 +86,8 @@ class ComputeOrder:
             out_total.append(run_t)
             out_floats.append(run_f)
             ok.append(run_b == 0)
+        for k in range(1, n):
+            ok[k] = ok[k] and bool(tensors_of(node_value(self.nodes[k - 1])))
         ok[0] = ok[n] = True
         return out_total, out_floats, ok
 

@@ -17,8 +17,8 @@ import torch
 import torch.fx
 
 from passes._keys import COST
-from passes._util import format_bytes
-from .graph_split import ComputeOrder, build_stage
+from passes._util import format_bytes, tensor_bytes
+from .graph_split import ComputeOrder, _fetch, build_stage
 from .plan import Plan, Stage, StageCost
 
 __all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint"]
@@ -37,12 +37,14 @@ class PipelineCosts:
     work: np.ndarray          # [n+1] prefix of the balanced quantity (seconds or FLOPs)
     comm: np.ndarray          # [n+1] seconds to move what crosses cut k (0 at both ends)
     cuttable: np.ndarray      # [n+1] bool
-    params: np.ndarray        # [n+1] prefix of parameter bytes, each charged to its first user
+    params: np.ndarray        # [n+1] prefix of parameter bytes, each charged to its first reader
     saved: np.ndarray         # [n+1] prefix of activation bytes kept for backward
     out_bytes: np.ndarray     # [n] bytes each node allocates (transient peak proxy)
     crossing_bytes: list[int]
     unit_max: float           # the largest single node's work
     total: float
+    buffers: np.ndarray | None = None   # [n+1] prefix of buffer and constant bytes, each charged to its first reader
+    reread: tuple = ()        # (bytes, is parameter, reader positions) of tensors read at several positions (tied)
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule, *, training: bool, link_Bps: float, balance: str) -> "PipelineCosts":
@@ -56,17 +58,46 @@ class PipelineCosts:
         moved = np.array(crossing, dtype=np.float64) + (np.array(floats, dtype=np.float64) if training else 0)
         comm = moved / link_Bps if balance == "time" else np.zeros(len(crossing))
         comm[0] = comm[-1] = 0.0
-        first_user_param = np.zeros(len(order.nodes))
-        seen: set[str] = set()
-        for i, node in enumerate(order.nodes):
-            for arg in node.all_input_nodes:
-                if arg.op == "get_attr" and arg.target not in seen:
-                    seen.add(arg.target)
-                    first_user_param[i] += arg.meta[COST].param_bytes if COST in arg.meta else 0
+        first_reader = np.zeros((2, len(order.nodes)))    # [parameters, buffers] charged to their first reader
+        readers = _attr_readers(gm, order)
+        for nbytes, is_param, positions in readers:
+            first_reader[0 if is_param else 1, positions[0]] += nbytes
         saved = np.array([c.saved_bytes for c in costs], dtype=np.float64)
-        return cls(order, _prefix(work), comm, np.array(ok), _prefix(first_user_param), _prefix(saved),
+        return cls(order, _prefix(work), comm, np.array(ok), _prefix(first_reader[0]), _prefix(saved),
                    np.array([c.output_bytes for c in costs], dtype=np.float64), crossing,
-                   float(work.max(initial=0.0)), float(work.sum()))
+                   float(work.max(initial=0.0)), float(work.sum()), buffers=_prefix(first_reader[1]),
+                   reread=tuple(r for r in readers if len(r[2]) > 1))
+
+    def held_bytes(self, starts: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Parameter and buffer bytes of stages ``[start, end)`` for every start: each tensor they read, once."""
+        params = self.params[end] - self.params[starts]
+        buffers = self.buffers[end] - self.buffers[starts]
+        for nbytes, is_param, positions in self.reread:
+            # the prefix charged it to its first reader; a later stage that reads it again holds a replica
+            after = np.searchsorted(positions, starts)
+            replica = (positions[0] < starts) & (after < len(positions)) & \
+                (positions[np.minimum(after, len(positions) - 1)] < end)
+            if is_param:
+                params = params + nbytes * replica
+            else:
+                buffers = buffers + nbytes * replica
+        return params, buffers
+
+
+def _attr_readers(gm: torch.fx.GraphModule, order: ComputeOrder) -> list[tuple[float, bool, np.ndarray]]:
+    """(bytes, is parameter, sorted compute positions reading it) per distinct tensor (tied names share one)."""
+    found: dict[int, tuple[float, bool, list[int]]] = {}
+    for i, node in enumerate(order.nodes):
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                continue
+            t = _fetch(gm, arg.target)
+            if not isinstance(t, torch.Tensor):
+                continue
+            positions = found.setdefault(id(t), (float(tensor_bytes(t)), isinstance(t, torch.nn.Parameter), []))[2]
+            if not positions or positions[-1] != i:
+                positions.append(i)
+    return [(b, is_param, np.array(pos)) for b, is_param, pos in found.values()]
 
 
 def _prefix(x: np.ndarray) -> np.ndarray:
@@ -121,11 +152,10 @@ def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedul
     def memory_of(stage: int, starts: np.ndarray, end: int) -> np.ndarray:
         # largest single allocation in [start, end), for every start at once
         transient = np.maximum.accumulate(costs.out_bytes[:end][::-1])[::-1][starts]
-        return stage_memory(costs.params[end] - costs.params[starts], 0, costs.saved[end] - costs.saved[starts],
-                            transient, crossing[starts] * (starts > 0) + (crossing[end] if end < len(costs.order)
-                                                                          else 0),
-                            stage, n_stages, training=training, schedule=schedule,
-                            n_microbatches=n_microbatches, optimizer=optimizer)
+        params, buffers = costs.held_bytes(starts, end)
+        return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
+                            crossing[starts] + crossing[end], stage, n_stages, training=training,
+                            schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer)
     return memory_of
 
 
@@ -146,16 +176,14 @@ def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], 
     bounds = [0] + list(cuts) + [len(order)]
     stages, holders = [], {}
     n_stages = len(bounds) - 1
+    memory_of = memory_model(costs, n_stages, training=training, schedule=schedule, n_microbatches=n_microbatches,
+                             optimizer=optimizer)
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         module = build_stage(order, start, end, name=f"Stage{index}")
         node_costs = [n.meta[COST] for n in order.nodes[start:end]]
         param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        buffer_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
         saved = sum(c.saved_bytes for c in node_costs)
-        memory = stage_memory(param_bytes, buffer_bytes, saved, max((c.output_bytes for c in node_costs), default=0),
-                              costs.crossing_bytes[start] + costs.crossing_bytes[end], index, n_stages,
-                              training=training, schedule=schedule, n_microbatches=n_microbatches,
-                              optimizer=optimizer)
+        memory = float(memory_of(index, np.array([start]), end)[0])   # the same model the solver bounded
         cost = StageCost(
             flops=sum(c.flops for c in node_costs), backward_flops=sum(c.backward_flops for c in node_costs),
             param_bytes=param_bytes, time_s=sum(c.time_s for c in node_costs),
