@@ -1,0 +1,116 @@
+"""``passes.capture``: ATen graphs with fake values that return what the model returns."""
+import operator
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_structure
+
+from conftest import make_case
+from passes import CaptureError, capture, estimate, zoo
+
+
+def _only_guard_calls(gm) -> bool:
+    """No submodule calls left but torch.export's input-guard check."""
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"] in ([], ["_guards_fn"])
+
+
+def test_capture_returns_aten_graph_with_fake_value_on_every_node(case_name, captured):
+    _, gm = captured(case_name)
+    assert isinstance(gm, torch.fx.GraphModule)
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls
+    assert _only_guard_calls(gm)
+    for node in calls:
+        assert isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem, node.format_node()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_function"):
+            assert "val" in node.meta, node.format_node()
+
+
+def test_captured_graph_returns_what_the_model_returns(case_name, captured):
+    case, gm = captured(case_name)
+    with torch.no_grad():
+        expected = case()
+        got = gm(*case.args, **case.kwargs)
+    assert type(got) is type(expected)
+    assert tree_structure(got) == tree_structure(expected)
+    torch.testing.assert_close(tree_flatten(got)[0], tree_flatten(expected)[0])
+
+
+def test_meta_model_is_captured_and_costed_like_real_weights(case_name, estimates):
+    case = make_case(case_name, "meta")
+    assert all(p.is_meta for p in case.model.parameters())
+    gm = capture(case.model, case.args, case.kwargs)
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    for training in (True, False):
+        est = estimate(gm, case.args, case.kwargs, training=training, optimizer="adamw" if training else None)
+        real = estimates(case_name, training=training)
+        assert (est.flops, est.backward_flops, est.param_bytes, est.peak_bytes) == \
+            (real.flops, real.backward_flops, real.param_bytes, real.peak_bytes)
+
+
+def test_symbolic_traced_graph_module_is_accepted():
+    model, inputs = zoo.mlp(depth=2, width=32, batch=4)
+    traced = torch.fx.symbolic_trace(model)
+    gm = capture(traced, inputs)
+    assert _only_guard_calls(gm)
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(gm(*inputs), model(*inputs))
+    assert estimate(traced, inputs).flops == estimate(model, inputs).flops == 2 * 2 * 4 * 32 * 32
+
+
+def test_captured_graph_is_returned_as_is(captured):
+    case, gm = captured("mlp")
+    assert capture(gm, case.args) is gm
+
+
+def test_capture_rejects_a_non_module_naming_its_type():
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module, got function"):
+        capture(lambda x: x * 2, (torch.randn(3),))
+
+
+@pytest.mark.parametrize("args, kwargs, why", [
+    ((torch.randn(2, 4), torch.randn(2, 4)), None, "too many positional arguments"),
+    ((), {"x": torch.randn(2, 4)}, "missing a required argument"),
+])
+def test_capture_rejects_inputs_that_do_not_fit_forward_naming_the_signature(args, kwargs, why):
+    with pytest.raises(TypeError, match=rf"do not fit Linear\.forward\(input: torch\.Tensor\).*{why}"):
+        capture(nn.Linear(4, 3), args, kwargs)
+
+
+class DataDependentBranch(nn.Module):
+    """Python ``if`` on a tensor's value: both export modes refuse to guess the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.linear(x)
+        return -self.linear(x)
+
+
+class ItemDrivenLoop(nn.Module):
+    """A loop count read from the data with ``.item()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(int(x.abs().sum().item()) % 3):
+            x = self.linear(x)
+        return x
+
+
+@pytest.mark.parametrize("model_class", [DataDependentBranch, ItemDrivenLoop])
+def test_untraceable_model_raises_capture_error_naming_model_and_remedy(model_class):
+    with pytest.raises(CaptureError, match=rf"could not capture {model_class.__name__}(.|\n)*Try: ") as info:
+        capture(model_class(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "export-nonstrict" in message and "export-strict" in message   # both methods were tried
+    assert "test_capture.py" in message                                    # the failing line of model code
