@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from passes._util import node_value, tensor_bytes, tensors_of
+from passes._util import fetch_attr, node_value, tensor_bytes, tensors_of
 
 __all__ = ["ComputeOrder", "build_stage"]
 
@@ -109,7 +109,7 @@ def build_stage(order: ComputeOrder, start: int, end: int, *, name: str = "stage
             if arg.op == "get_attr" and arg not in env:
                 env[arg] = graph.get_attr(arg.target)
                 env[arg].meta = dict(arg.meta)
-                attrs[arg.target] = _fetch(gm, arg.target)
+                attrs[arg.target] = fetch_attr(gm, arg.target)
             elif arg.op == "placeholder" and arg not in env:
                 raise AssertionError(f"input {arg.name} not passed to stage [{start}, {end})")
         if node.op == "call_module":     # e.g. export's input guard, _guards_fn
@@ -133,10 +133,3 @@ def build_stage(order: ComputeOrder, start: int, end: int, *, name: str = "stage
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -17,8 +17,8 @@ import torch
 import torch.fx
 
 from passes._keys import COST
-from passes._util import format_bytes, tensor_bytes
-from .graph_split import ComputeOrder, _fetch, build_stage
+from passes._util import fetch_attr, format_bytes, tensor_bytes
+from .graph_split import ComputeOrder, build_stage
 from .plan import Plan, Stage, StageCost
 
 __all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint"]
@@ -91,7 +91,7 @@ def _attr_readers(gm: torch.fx.GraphModule, order: ComputeOrder) -> list[tuple[f
         for arg in node.all_input_nodes:
             if arg.op != "get_attr":
                 continue
-            t = _fetch(gm, arg.target)
+            t = fetch_attr(gm, arg.target)
             if not isinstance(t, torch.Tensor):
                 continue
             positions = found.setdefault(id(t), (float(tensor_bytes(t)), isinstance(t, torch.nn.Parameter), []))[2]
@@ -193,7 +193,7 @@ def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], 
             bytes_in=costs.crossing_bytes[start] if start else 0,
             bytes_out=costs.crossing_bytes[end] if end < len(order) else 0, n_nodes=end - start)
         for name, _ in module.named_parameters():
-            holders.setdefault(_param_identity(gm, name), []).append((index, name))
+            holders.setdefault(id(fetch_attr(gm, name)), []).append((index, name))
         stages.append(Stage(index, module, cost, order.nodes[start].name, order.nodes[end - 1].name,
                             tuple(n.name for n in (order.live_at(start) if start else [])),
                             tuple(n.name for n in order.live_at(end)) if end < len(order) else ("(outputs)",)))
@@ -214,13 +214,6 @@ def _moved(costs: PipelineCosts, k: int, training: bool) -> float:
     if k == 0 or k == len(costs.order):
         return 0.0
     return costs.crossing_bytes[k] * (2 if training else 1)
-
-
-def _param_identity(gm: torch.fx.GraphModule, name: str) -> int:
-    obj = gm
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return id(obj)
 
 
 def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_unflatten
 
-from passes._util import format_bytes, format_count, format_seconds, table
+from passes._util import flatten_inputs, format_bytes, format_count, format_seconds, table
 
 __all__ = ["Plan", "Stage", "StageCost", "PLAN_FORMAT"]
 
@@ -85,7 +85,7 @@ class Plan:
 
     # -- running ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        flat = _flatten_inputs(self.in_spec, args, kwargs)
+        flat = flatten_inputs(self.in_spec, args, kwargs)
         values: Any = tuple(flat)
         for stage in self.stages:
             values = stage.module(*values)
@@ -160,12 +160,3 @@ class Plan:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
         return path
-
-
-def _flatten_inputs(in_spec, args: tuple, kwargs: dict) -> list:
-    if in_spec is not None:
-        import torch.fx._pytree as fx_pytree
-        return list(fx_pytree.tree_flatten_spec((args, kwargs), in_spec))
-    if kwargs:
-        raise TypeError("this plan takes positional inputs only")
-    return list(args)

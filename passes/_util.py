@@ -12,7 +12,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["node_value", "tensors_of", "tensor_bytes", "format_bytes", "format_count", "format_seconds", "table"]
+__all__ = ["node_value", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
+           "format_seconds", "table"]
 
 
 def node_value(node: torch.fx.Node) -> Any:
@@ -31,6 +32,27 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the elements a tensor addresses (not of its whole storage)."""
     return t.numel() * t.element_size()
+
+
+def fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    """The object at a dotted ``get_attr`` target ("blocks.0.fc.weight")."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def flatten_inputs(in_spec: Any, args: tuple, kwargs: dict, *, names: Sequence[str] | None = None) -> list:
+    """Flat graph inputs from ``(args, kwargs)``: by the graph's pytree ``in_spec`` (export), else
+    positionally, keyword inputs taken by placeholder ``names`` when given."""
+    if in_spec is not None:
+        import torch.fx._pytree as fx_pytree
+        return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), in_spec))
+    if kwargs:
+        if names is None:
+            raise TypeError("this graph takes positional inputs only")
+        return list(args) + [kwargs[name] for name in names[len(args):]]
+    return list(args)
 
 
 def format_bytes(n: float) -> str:

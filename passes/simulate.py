@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .capture import _inputs_on_model_device
+from ._util import fetch_attr, flatten_inputs
 from .flops import count_flops, has_flop_rule
 
 __all__ = ["simulate", "StepTrace", "NodeTrace", "OPTIMIZERS"]
@@ -346,13 +347,8 @@ def _loss(gm: torch.fx.GraphModule, flat_out: Any, loss_fn: Callable | None) -> 
 
 def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        import torch.fx._pytree as fx_pytree
-        return list(fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec))
-    if kwargs:
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        return list(args) + [kwargs[name] for name in names[len(args):]]
-    return list(args)
+    return flatten_inputs(info.in_spec if info is not None else None, args, kwargs,
+                          names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
 
 
 def _unflatten_outputs(gm: torch.fx.GraphModule, flat_out: Any) -> Any:
@@ -377,17 +373,10 @@ def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: b
         attrs[name] = seen[id(t)]
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in attrs:
-            value = _fetch(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
                 attrs[node.target] = seen.get(id(value)) or fake_mode.from_tensor(value)
     return attrs, params, buffers
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _warm_optimizer(optimizer: str | None, params: list[torch.Tensor], foreach: bool):

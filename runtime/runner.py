@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from passes._util import flatten_inputs
+
 from .schedules import Action, make_schedule
 
 __all__ = ["Runner", "StageError"]
@@ -330,12 +332,7 @@ class Runner:
                              f"n_microbatches x that size to step()")
 
     def _flatten(self, args: tuple, kwargs: dict) -> list:
-        if self.in_spec is not None:
-            import torch.fx._pytree as fx_pytree
-            return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), self.in_spec))
-        if kwargs:
-            raise TypeError("this plan takes positional inputs only")
-        return list(args)
+        return flatten_inputs(self.in_spec, args, kwargs)
 
     def _unflatten(self, values: list):
         if self.out_spec is not None:
