@@ -204,7 +204,6 @@ class _FakeRunner(torch.fx.Interpreter):
             return _fused_attention(*args, **kwargs)
         return super().call_function(target, args, kwargs)
 
-
     def run_node(self, node: torch.fx.Node) -> Any:
         self.tracker.owner = node.name
         result = super().run_node(node)
