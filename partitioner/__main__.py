@@ -1,17 +1,54 @@
-"""``python -m partitioner``: plan a model into pipeline stages and show the plan.
+"""python -m partitioner: cost a model's training step (or inference) and cut it into pipeline stages.
 
-Without ``--model`` it plans the built-in GPT (passes.zoo.tiny_gpt). With
-``--model module:factory`` it imports ``factory`` from ``module``; the factory returns
-``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``.
+Prints the cost per module, then one row per stage (FLOPs, time, memory, bytes crossing
+cuts), and writes a drawing of the plan. Without --model it plans a built-in 8-layer
+GPT (passes.zoo.tiny_gpt). With --model module:factory it imports factory from module
+(the current directory is on the path); factory() returns (model, example_inputs) or
+(model, example_inputs, example_kwargs). Build the model on the meta device to plan
+hardware you do not have.
+
+examples:
+  python -m partitioner --devices 4 --draw plan.png
+  python -m partitioner --model mypkg.models:make --devices 8 --device h200 --save plan.json
+  python -m partitioner --chart stages.png --timeline timeline.png   (needs matplotlib; .txt without)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import itertools
 import sys
+import threading
 import time
 
 import torch
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """A spinner with elapsed seconds on stderr while ``what`` runs, when stderr is a terminal; else silent."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def spin():
+        for frame in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r{frame} {what} ({time.perf_counter() - start:.0f} s)")
+            sys.stderr.flush()
+            if done.wait(0.2):
+                break
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sys.stderr.write(f"\r{what}: {time.perf_counter() - start:.1f} s\033[K\n")
+        sys.stderr.flush()
 
 
 def _load(spec: str):
@@ -35,24 +72,31 @@ def main(argv=None) -> int:
     parser.add_argument("--inference", action="store_true", help="plan inference instead of training")
     parser.add_argument("--memory-limit-gb", type=float, help="memory per device in GB (default: the device's)")
     parser.add_argument("--draw", default="plan.dot", help="write the drawing here (.dot, .svg, .png); '' to skip")
+    parser.add_argument("--depth", type=int, default=2, help="module path depth of the drawing's boxes (default 2)")
     parser.add_argument("--save", default="", help="write the plan's decisions here as JSON")
+    parser.add_argument("--chart", default="", help="per-stage time and memory bars (.png/.svg with matplotlib, .txt)")
+    parser.add_argument("--timeline", default="",
+                        help="the 1F1B schedule in time: .png/.svg (matplotlib), .json (Chrome trace) or .txt")
     args = parser.parse_args(argv)
 
     from passes import estimate
     from passes.zoo import tiny_gpt
     from . import partition
 
-    if args.model:
-        model, inputs, kwargs = _load(args.model)
-    else:
-        model, inputs = tiny_gpt(n_layers=8)
-        kwargs = {}
+    with _step("building the model"):
+        if args.model:
+            model, inputs, kwargs = _load(args.model)
+        else:
+            model, inputs = tiny_gpt(n_layers=8)
+            kwargs = {}
     start = time.perf_counter()
-    est = estimate(model, inputs, kwargs, device=args.device, training=not args.inference,
-                   optimizer=None if args.inference else "adamw")
+    with _step("capturing and costing"):
+        est = estimate(model, inputs, kwargs, device=args.device, training=not args.inference,
+                       optimizer=None if args.inference else "adamw")
     print(est.report(depth=2), "\n")
-    plan = partition(model, args.devices, inputs, kwargs, device=args.device, training=not args.inference,
-                     memory_limit=int(args.memory_limit_gb * 1e9) if args.memory_limit_gb else None)
+    with _step(f"partitioning into {args.devices} stages"):
+        plan = partition(model, args.devices, inputs, kwargs, device=args.device, training=not args.inference,
+                         memory_limit=int(args.memory_limit_gb * 1e9) if args.memory_limit_gb else None)
     print(plan.report())
     print(f"\nplanned in {time.perf_counter() - start:.1f} s")
     if not any(p.is_meta for p in model.parameters()):
@@ -62,7 +106,18 @@ def main(argv=None) -> int:
         if same is not None:
             print(f"stages run in order reproduce the model's output: {same}")
     if args.draw:
-        print(f"drawing: {plan.draw(args.draw)}")
+        with _step("drawing"):
+            path = plan.draw(args.draw, depth=args.depth)
+        print(f"drawing: {path}")
+    if args.chart:
+        from .draw import stage_chart
+        stage_chart(plan, args.chart)
+        print(f"stage chart: {args.chart}")
+    if args.timeline:
+        from .draw import schedule_timeline
+        timeline = schedule_timeline(plan, args.timeline)
+        print(f"timeline: {args.timeline} (step {timeline.total_s * 1e3:.3f} ms, "
+              f"bubble {max(timeline.bubble_fraction):.0%})")
     if args.save:
         print(f"plan saved: {plan.save(args.save)}")
     return 0

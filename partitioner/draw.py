@@ -1,32 +1,28 @@
-"""Drawings of plans: DOT text always (pydot), SVG/PNG when Graphviz's ``dot`` is installed.
+"""Drawings of plans: the stage graph (DOT; SVG/PNG with Graphviz), per-stage bars, the schedule.
 
 Reads a ``Plan`` (its stage GraphModules and the costs in ``node.meta["fxpart.cost"]``);
-writes a file. Nodes are grouped by module (cut to ``depth`` path components) so a
+writes files. Nodes are grouped by module (cut to ``depth`` path components) so a
 12-layer model reads per block; stages are clusters; edges that cross a cut carry their
-bytes.
+bytes. ``stage_chart`` draws time and memory per stage against the device's memory
+(matplotlib when installed, else text bars); ``schedule_timeline`` lays the pipeline
+schedule out in time (``runtime.schedules.simulate``) as a PNG/SVG, a Chrome trace or text.
+The DOT helpers are ``passes.draw``'s, shared with graph drawings.
 """
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import pydot
 import torch
 
 from passes._keys import COST
-from passes._util import format_bytes, format_count, format_seconds, node_value, tensor_bytes, tensors_of
+from passes._util import format_bytes, format_count, format_seconds
+from passes.draw import module_group, render, value_bytes, write_dot
 
-__all__ = ["plan_dot", "draw_plan", "render"]
+__all__ = ["plan_dot", "draw_plan", "render", "stage_chart", "schedule_timeline"]
 
 _COLORS = ["#dbe9f6", "#fde2c8", "#d9f0d3", "#f3d1e6", "#fff2b3", "#d0e0e3", "#e6d5f5", "#f9d6d5"]
-
-
-def _group(node: torch.fx.Node, depth: int) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return ".".join(path.split(".")[:depth]) or "(top)"
-    return "(top)"
 
 
 def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
@@ -46,7 +42,7 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
         groups: dict[str, list] = {}
         for node in stage.module.graph.nodes:
             if node.op in ("call_function", "call_module"):
-                groups.setdefault(_group(node, depth), []).append(node)
+                groups.setdefault(module_group(node, depth), []).append(node)
         for name, nodes in groups.items():
             box = f"s{stage.index}_{name}".replace(".", "_").replace("(", "").replace(")", "")
             flops = sum(n.meta[COST].flops for n in nodes if COST in n.meta)
@@ -63,7 +59,7 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
                 users = [producer[u.name] for u in node.users if u.name in producer and u.op != "output"]
                 for dst in set(users):
                     if producer[node.name] != dst:
-                        edges[(producer[node.name], dst)] += _bytes(node)
+                        edges[(producer[node.name], dst)] += value_bytes(node)
         dot.add_subgraph(cluster)
     for (src, dst), nbytes in edges.items():
         attrs = {"label": format_bytes(nbytes), "color": "#c0392b", "penwidth": "2",
@@ -75,27 +71,144 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
     return dot
 
 
-def _bytes(node: torch.fx.Node) -> int:
-    return sum(tensor_bytes(t) for t in tensors_of(node_value(node)))
-
-
-def render(dot: pydot.Dot, fmt: str) -> bytes:
-    """SVG or PNG bytes from Graphviz's ``dot``; RuntimeError when Graphviz is not installed."""
-    if shutil.which("dot") is None:
-        raise RuntimeError(f"writing {fmt} needs Graphviz's `dot` (apt-get install graphviz); .dot files work without it")
-    return dot.create(format=fmt)
-
-
 def draw_plan(plan, path: str, *, depth: int = 3) -> str:
     """Write the plan to ``path`` as .dot, .svg or .png (by suffix); returns the path."""
-    dot = plan_dot(plan, depth=depth)
-    suffix = str(path).rsplit(".", 1)[-1].lower()
-    if suffix == "dot":
-        data = dot.to_string().encode()
-    elif suffix in ("svg", "png"):
-        data = render(dot, suffix)
-    else:
-        raise ValueError(f"cannot draw to {path!r}: use a .dot, .svg or .png suffix")
-    with open(path, "wb") as f:
-        f.write(data)
+    return write_dot(plan_dot(plan, depth=depth), path)
+
+
+def stage_chart(plan, path: str | Path | None = None, *, memory_limit: float | None = None) -> str:
+    """Time (compute + communication) and memory per stage, memory against the device's limit.
+
+    Args:
+        plan: a ``Plan``.
+        path: a .png/.svg (needs matplotlib), or .txt; None returns the text chart only.
+        memory_limit: bytes per device drawn as the limit; None: the plan's device memory.
+
+    Returns:
+        The path written, or the text chart when ``path`` is None or .txt.
+    """
+    limit = memory_limit if memory_limit is not None else getattr(plan.device, "memory_bytes", 0)
+    suffix = str(path).rsplit(".", 1)[-1].lower() if path is not None else "txt"
+    if suffix in ("png", "svg"):
+        return _stage_chart_matplotlib(plan, path, limit)
+    text = _stage_chart_text(plan, limit)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return text
+
+
+def _stage_chart_text(plan, limit: float, width: int = 40) -> str:
+    stages = plan.stages
+    t_max = max(s.cost.time_s + s.cost.comm_s for s in stages) or 1.0
+    m_max = max([s.cost.memory_bytes for s in stages] + [limit]) or 1.0
+    lines = [f"time per stage ('#' compute, '~' comm; slowest {format_seconds(t_max)})"]
+    for s in stages:
+        n_c, n_m = round(width * s.cost.time_s / t_max), round(width * s.cost.comm_s / t_max)
+        lines.append(f"  stage {s.index:>2} |{'#' * n_c}{'~' * n_m:<{width - n_c}}| "
+                     f"{format_seconds(s.cost.time_s)} + {format_seconds(s.cost.comm_s)}")
+    lines.append("memory per stage" + (f" ('|' marks the limit, {format_bytes(limit)})" if limit else ""))
+    mark = round(width * limit / m_max) if limit else None
+    for s in stages:
+        bar = list(("=" * round(width * s.cost.memory_bytes / m_max)).ljust(width + 1))
+        if mark is not None:
+            bar[min(mark, width)] = "|"
+        over = "  OVER" if limit and s.cost.memory_bytes > limit else ""
+        lines.append(f"  stage {s.index:>2} [{''.join(bar)}] {format_bytes(s.cost.memory_bytes)}{over}")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("PNG/SVG charts need matplotlib (pip install matplotlib); a .txt path or "
+                           "path=None gives the text chart") from None
+    return plt
+
+
+def _stage_chart_matplotlib(plan, path, limit: float) -> str:
+    plt = _pyplot()
+    idx = [s.index for s in plan.stages]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.2))
+    compute = [s.cost.time_s * 1e3 for s in plan.stages]
+    ax_t.bar(idx, compute, color="#4c72b0", label="compute")
+    ax_t.bar(idx, [s.cost.comm_s * 1e3 for s in plan.stages], bottom=compute, color="#dd8452", label="comm")
+    ax_t.axhline(plan.lower_bound_s * 1e3, color="gray", ls="--", lw=1, label="lower bound")
+    ax_t.set(title="time per step (ms)", xlabel="stage", xticks=idx)
+    ax_t.legend(fontsize=8)
+    mem = [s.cost.memory_bytes for s in plan.stages]
+    scale, unit = next(((b, u) for b, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")) if max(mem) >= b),
+                       (1, "B"))
+    bars = ax_m.bar(idx, [m / scale for m in mem], color="#55a868")
+    ax_m.bar_label(bars, [format_bytes(m) for m in mem], fontsize=7)
+    if limit and limit <= 3 * max(mem):
+        ax_m.axhline(limit / scale, color="#c44e52", lw=1.5, label=f"device limit {format_bytes(limit)}")
+        ax_m.legend(fontsize=8)
+    # a limit far above every stage would flatten the bars: the title says it instead
+    off_scale = f", limit {format_bytes(limit)} off scale" if limit and limit > 3 * max(mem) else ""
+    ax_m.set(title=f"memory ({unit}){off_scale}", xlabel="stage", xticks=idx)
+    fig.suptitle(f"{plan.model or 'model'}: {len(plan.stages)} stages on {getattr(plan.device, 'name', plan.device)}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return str(path)
+
+
+def schedule_timeline(plan, path: str | Path | None = None, *, schedule: str | None = None,
+                      n_microbatches: int | None = None):
+    """Lay the plan's pipeline schedule out in time, per stage, with the stages' forward/backward times.
+
+    Args:
+        plan: a ``Plan``.
+        path: .png/.svg (matplotlib), .json (Chrome trace: chrome://tracing, Perfetto) or .txt; None: nothing.
+        schedule: "1f1b" or "gpipe"; None: the plan's.
+        n_microbatches: None: the plan's, at least one per stage (so the pipeline fills).
+
+    Returns:
+        The ``runtime.schedules.Timeline`` (bubble fraction, in-flight micro-batches per stage).
+    """
+    from runtime.schedules import format_schedule, make_schedule, simulate, to_chrome_trace
+    n = len(plan.stages)
+    n_mb = n_microbatches or max(plan.n_microbatches, n)
+    actions = make_schedule(schedule or plan.schedule, n, n_mb)
+    fwd, bwd = zip(*(_stage_times(stage) for stage in plan.stages))
+    timeline = simulate(actions, [t / n_mb for t in fwd], [t / n_mb for t in bwd])
+    suffix = str(path).rsplit(".", 1)[-1].lower() if path is not None else ""
+    if suffix == "json":
+        Path(path).write_text(to_chrome_trace(timeline))
+    elif suffix in ("png", "svg"):
+        _timeline_matplotlib(plan, timeline, path, schedule or plan.schedule, n_mb)
+    elif path is not None:
+        Path(path).write_text("\n".join(format_schedule(actions)) + "\n" + str(timeline) + "\n")
+    return timeline
+
+
+def _stage_times(stage) -> tuple[float, float]:
+    """Forward and backward seconds of a stage on the example batch, from its nodes' costs."""
+    costs = [n.meta[COST] for n in stage.module.graph.nodes if COST in n.meta]
+    if costs:
+        return sum(c.forward_time_s for c in costs), sum(c.backward_time_s for c in costs)
+    return stage.cost.time_s / 3, 2 * stage.cost.time_s / 3   # backward ~ twice the forward
+
+
+def _timeline_matplotlib(plan, timeline, path, schedule: str, n_microbatches: int) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(timeline.spans)))
+    cmap = plt.get_cmap("tab10")
+    for s, spans in enumerate(timeline.spans):
+        for sp in spans:
+            color = cmap(sp.action.microbatch % 10)
+            ax.barh(s, (sp.end_s - sp.start_s) * 1e3, left=sp.start_s * 1e3, color=color,
+                    alpha=1.0 if sp.action.kind == "F" else 0.55, edgecolor="black", lw=0.5,
+                    hatch=None if sp.action.kind == "F" else "//")
+            ax.text((sp.start_s + sp.end_s) / 2 * 1e3, s, str(sp.action), ha="center", va="center", fontsize=7)
+    ax.set(yticks=range(len(timeline.spans)), yticklabels=[f"stage {s}" for s in range(len(timeline.spans))],
+           xlabel="ms", title=f"{schedule}, {n_microbatches} micro-batches: step {format_seconds(timeline.total_s)}, "
+                              f"bubble {max(timeline.bubble_fraction):.0%} (F solid, B hatched)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,9 +14,14 @@ from .capture import CaptureError, capture, is_captured
 from .devices import DEVICES, DeviceSpec, get_device_spec
 from .estimate import Estimate, NodeCost, annotate_costs, estimate
 from .timing import measure_node_times
+from .backend import FxpartBackend, GraphRecord, compile_backend, register_backends as _register_backends
+from . import draw
 
 __all__ = ["capture", "CaptureError", "is_captured", "estimate", "Estimate", "NodeCost", "annotate_costs",
-           "DeviceSpec", "get_device_spec", "DEVICES", "measure_node_times"]
+           "DeviceSpec", "get_device_spec", "DEVICES", "measure_node_times", "compile_backend", "FxpartBackend",
+           "GraphRecord", "draw"]
+
+_register_backends()   # backend="fxpart" (Inductor) and "fxpart_eager"; safe to run again
 
 if _os.environ.get("FXPART_DEBUG") == "1":
     for _name in ("passes", "partitioner", "runtime"):

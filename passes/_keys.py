@@ -7,3 +7,4 @@ Analyses write only these keys; PyTorch's own keys (``val``, ``tensor_meta``,
 COST = "fxpart.cost"            # NodeCost of the node (flops, bytes, time)
 CAPTURE = "fxpart.capture"      # on gm.meta: how the graph was captured
 ESTIMATE = "fxpart.estimate"    # on gm.meta: the last Estimate computed for the graph
+PHASE = "fxpart.phase"          # on gm.meta: "dynamo", "forward", "backward" or "inference" (compile backend)
