@@ -43,17 +43,20 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
         for node in stage.module.graph.nodes:
             if node.op in ("call_function", "call_module"):
                 groups.setdefault(module_group(node, depth), []).append(node)
+        boxes = {name: f"s{stage.index}_{name}".replace(".", "_").replace("(", "").replace(")", "")
+                 for name in groups}
         for name, nodes in groups.items():
-            box = f"s{stage.index}_{name}".replace(".", "_").replace("(", "").replace(")", "")
             flops = sum(n.meta[COST].flops for n in nodes if COST in n.meta)
-            cluster.add_node(pydot.Node(box, label=f"{name}\\n{len(nodes)} ops, {format_count(flops, 'FLOP')}",
+            cluster.add_node(pydot.Node(boxes[name], label=f"{name}\\n{len(nodes)} ops, {format_count(flops, 'FLOP')}",
                                         shape="box", style="filled", fillcolor="white", fontname="Helvetica"))
+            producer.update((node.name, boxes[name]) for node in nodes)
+        # edges only once every box of the stage is known: groups are not in data-flow order
+        for name, nodes in groups.items():
             for node in nodes:
-                producer[node.name] = box
                 for arg in node.all_input_nodes:
                     src = producer.get(arg.name)
-                    if src is not None and src != box:
-                        edges[(src, box)] += 0
+                    if src is not None and src != boxes[name] and arg.op != "placeholder":
+                        edges[(src, boxes[name])] += 0
         for node in stage.module.graph.nodes:   # values received from an earlier stage
             if node.op == "placeholder" and node.name in producer:
                 users = [producer[u.name] for u in node.users if u.name in producer and u.op != "output"]
