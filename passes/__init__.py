@@ -16,10 +16,14 @@ from .estimate import Estimate, NodeCost, annotate_costs, estimate
 from .timing import measure_node_times
 from .backend import FxpartBackend, GraphRecord, compile_backend, register_backends as _register_backends
 from . import draw
+from .finetune import (Candidate, Classifier, FinetunePlan, LoRALinear, NewHead, attach_classifier, attach_lm_head,
+                       finetune, insert_lora)
+from .monitor import MemoryReport, measure_step
 
 __all__ = ["capture", "CaptureError", "is_captured", "estimate", "Estimate", "NodeCost", "annotate_costs",
            "DeviceSpec", "get_device_spec", "DEVICES", "measure_node_times", "compile_backend", "FxpartBackend",
-           "GraphRecord", "draw"]
+           "GraphRecord", "draw", "finetune", "FinetunePlan", "Candidate", "LoRALinear", "insert_lora",
+           "attach_classifier", "attach_lm_head", "Classifier", "NewHead", "measure_step", "MemoryReport"]
 
 _register_backends()   # backend="fxpart" (Inductor) and "fxpart_eager"; safe to run again
 

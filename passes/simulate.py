@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .capture import _inputs_on_model_device
 from ._util import fetch_attr, flatten_inputs
@@ -311,10 +311,11 @@ def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -
 
     saved_keys: set[int] = set()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        flat_out = runner.run(*flat_inputs)
+        # the interpreter rebuilds the model's output structure (the graph's out_spec)
+        outputs = runner.run(*flat_inputs)
     tracker.owner = LOSS
-    loss = _loss(gm, flat_out, loss_fn)
-    del flat_out
+    loss = _loss(outputs, loss_fn)
+    del outputs
     runner = None  # noqa: F841 - drop the interpreter's references
     tracker.phase = "backward"
     loss.backward()
@@ -326,14 +327,14 @@ def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -
         opt.step()
 
 
-def _loss(gm: torch.fx.GraphModule, flat_out: Any, loss_fn: Callable | None) -> torch.Tensor:
+def _loss(outputs: Any, loss_fn: Callable | None) -> torch.Tensor:
     if loss_fn is not None:
-        loss = loss_fn(_unflatten_outputs(gm, flat_out))
+        loss = loss_fn(outputs)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise ValueError(f"loss_fn must return a one-element tensor, got {type(loss).__name__}"
                              f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
         return loss
-    floats = [t for t in tree_flatten(flat_out)[0]
+    floats = [t for t in tree_flatten(outputs)[0]
               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
     if not floats:
         raise ValueError("the model returns no floating-point output that depends on trainable parameters, "
@@ -348,13 +349,6 @@ def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     info = getattr(gm.graph._codegen, "pytree_info", None)
     return flatten_inputs(info.in_spec if info is not None else None, args, kwargs,
                           names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
-
-
-def _unflatten_outputs(gm: torch.fx.GraphModule, flat_out: Any) -> Any:
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is not None and info.out_spec is not None:
-        return tree_unflatten(list(flat_out), info.out_spec)
-    return flat_out
 
 
 def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: bool):
