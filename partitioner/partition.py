@@ -4,6 +4,7 @@ Reads a model (captured and costed with ``passes``); returns a ``Plan``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Sequence
@@ -14,11 +15,11 @@ from torch import nn
 
 from passes import capture, estimate
 from passes._keys import COST
-from passes._util import format_bytes
+from passes._util import flatten_inputs, format_bytes
 from passes.capture import normalize_inputs
 from passes.devices import DeviceSpec, get_device_spec
 from .pipeline import (BALANCES, SCHEDULES, PipelineCosts, build_plan, explain_memory, fingerprint, lower_bound,
-                       memory_model, solve_cuts)
+                       memory_model, solve_cuts, stage_modules, state_keys)
 from .plan import PLAN_FORMAT, Plan
 
 __all__ = ["partition", "load_plan", "STRATEGIES"]
@@ -49,7 +50,10 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
         memory_limit: bytes per device; None means the device's memory.
         training: plan a training step (backward, gradients, optimizer state) or inference.
         schedule: "1f1b" or "gpipe": how many micro-batches a stage keeps activations for.
-        n_microbatches: micro-batches per step (default ``n_devices``).
+        n_microbatches: micro-batches per step (default ``n_devices``). When given (> 1), the stage
+            modules are built from a capture of one micro-batch (every tensor input sliced to
+            ``batch / n_microbatches`` on dim 0), so they run micro-batches, as the runtime does;
+            costs still come from the whole batch. ``plan(*inputs)`` still takes the whole batch.
         optimizer: "adamw", "sgd" or None: its state counts toward each stage's memory.
         balance: "time" (compute + communication on ``device``) or "flops" (forward + backward FLOPs).
         cuts: pin the cuts yourself: node names (or module paths, cut where the module starts),
@@ -96,8 +100,47 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
                 f"batch, schedule='1f1b', or passes.recompute to save activations") from None
     plan = build_plan(gm, costs, positions, spec=spec, training=training, schedule=schedule, n_microbatches=m,
                       optimizer=optimizer if training else None, balance=balance, model=est.model)
+    plan = _for_model(plan, model_or_gm, gm, args, kwargs, microbatched=(n_microbatches or 1) > 1)
     log.debug("pipeline plan:\n%s", plan.report())
     return plan
+
+
+def _for_model(plan: Plan, model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *,
+               microbatched: bool) -> Plan:
+    """Record the model's state_dict keys; rebuild the stages from a micro-batch capture when asked."""
+    keys = state_keys(model, [s.module for s in plan.stages]) if model is not gm else {}
+    if not microbatched:
+        return dataclasses.replace(plan, state_keys=keys, microbatch_shapes=_flat_shapes(plan, args, kwargs))
+    m = plan.n_microbatches
+    mb_args, mb_kwargs = _first_microbatch((args, kwargs), m)
+    mb_gm = capture(model, mb_args, mb_kwargs) if model is not gm else None
+    if mb_gm is None:
+        raise ValueError("partition(..., n_microbatches=m) needs the nn.Module (not a captured graph) to capture "
+                         "one micro-batch; pass the model, or plan on a micro-batch example with n_microbatches=1")
+    if fingerprint(mb_gm) != plan.fingerprint:
+        log.debug("the micro-batch capture differs from the full batch's; cuts are mapped by node name")
+    modules = stage_modules(mb_gm, plan.cuts)
+    stages = [dataclasses.replace(stage, module=module) for stage, module in zip(plan.stages, modules)]
+    keys = state_keys(model, modules)
+    return dataclasses.replace(plan, stages=stages, runs_microbatches=True, state_keys=keys,
+                               microbatch_shapes=_flat_shapes(plan, mb_args, mb_kwargs))
+
+
+def _flat_shapes(plan: Plan, args: tuple, kwargs: dict) -> tuple:
+    flat = flatten_inputs(plan.in_spec, args, kwargs)
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat)
+
+
+def _first_microbatch(tree, m: int):
+    """``tree`` with every tensor of a dim 0 sliced to its first ``1/m`` (the batch must divide)."""
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if v.shape[0] % m:
+                raise ValueError(f"n_microbatches={m} does not divide the example batch: an input has shape "
+                                 f"{tuple(v.shape)}; pick n_microbatches dividing dim 0")
+            return v[: v.shape[0] // m]
+        return v
+    return torch.utils._pytree.tree_map(cut, tree)
 
 
 def _estimate_once(gm, args, kwargs, spec, training, optimizer):
@@ -177,6 +220,7 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
     costs = PipelineCosts.of(gm, training=training, link_Bps=spec.link_bandwidth_Bps, balance=saved["balance"])
     n_stages = len(saved["stages"])
     positions = _pinned_positions(costs, saved["cuts"], n_stages)
-    return build_plan(gm, costs, positions, spec=spec, training=training, schedule=saved["schedule"],
+    plan = build_plan(gm, costs, positions, spec=spec, training=training, schedule=saved["schedule"],
                       n_microbatches=saved["n_microbatches"], optimizer="adamw" if training else None,
                       balance=saved["balance"], model=saved["model"])
+    return _for_model(plan, model, gm, args, kwargs, microbatched=saved.get("runs_microbatches", False))

@@ -21,7 +21,7 @@ from passes._util import fetch_attr, format_bytes, tensor_bytes
 from .graph_split import ComputeOrder, build_stage
 from .plan import Plan, Stage, StageCost
 
-__all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint"]
+__all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint", "stage_modules", "state_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,44 @@ def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], 
                 cuts=tuple(order.nodes[c].name for c in cuts), shared_params=shared,
                 in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
                 model=model, fingerprint=fingerprint(gm), balance=balance)
+
+
+def stage_modules(gm: torch.fx.GraphModule, cuts: tuple[str, ...]) -> list[torch.fx.GraphModule]:
+    """Stage GraphModules of ``gm`` cut before the nodes named ``cuts`` (as ``Plan.cuts`` records them).
+
+    ``gm`` is another capture of the planned architecture (e.g. of one micro-batch): node names
+    are matched, not positions, so a capture that drops a shape-specialised node (a size-1
+    ``expand``) still maps.
+
+    Raises:
+        ValueError: a cut node is missing from ``gm`` or cannot be cut there.
+    """
+    order = ComputeOrder.of(gm)
+    by_name = {n.name: i for i, n in enumerate(order.nodes)}
+    ok = order.crossing()[2]
+    positions = []
+    for cut in cuts:
+        pos = by_name.get(cut)
+        if pos is None or not ok[pos]:
+            raise ValueError(f"the cut before {cut!r} does not exist in the micro-batch capture of the model (its "
+                             f"graph differs from the full batch's); use a larger micro-batch (batch / n_microbatches)")
+        positions.append(pos)
+    bounds = [0] + positions + [len(order)]
+    return [build_stage(order, start, end, name=f"Stage{i}") for i, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def state_keys(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[str, str]:
+    """``model.state_dict()`` key -> the name the stage ``modules`` hold that tensor under, by tensor identity.
+
+    Tied tensors (an embedding and its head) have several keys and one name. A key whose
+    tensor no stage holds keeps its own name (``full_state_dict`` then reports it missing).
+    """
+    held: dict[int, str] = {}
+    for module in modules:
+        for name, t in list(module.named_parameters(remove_duplicate=False)) + \
+                list(module.named_buffers(remove_duplicate=False)):
+            held.setdefault(id(t), name)
+    return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
 
 
 def _moved(costs: PipelineCosts, k: int, training: bool) -> float:

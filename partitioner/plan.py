@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_unflatten
 
 from passes._util import flatten_inputs, format_bytes, format_count, format_seconds, table
 
-__all__ = ["Plan", "Stage", "StageCost", "PLAN_FORMAT"]
+__all__ = ["Plan", "Stage", "StageCost", "PLAN_FORMAT", "split_microbatches", "concat_microbatches"]
 
 PLAN_FORMAT = "fxpart.plan/1"
 
@@ -62,7 +62,14 @@ class Plan:
     """A partition of a model: stages in order, their costs, and how to run them.
 
     ``plan(*inputs, **kwargs)`` runs every stage in order in this process and returns
-    what the model returns.
+    what the model returns. When ``runs_microbatches`` is set (``partition(...,
+    n_microbatches=m)``), the stage modules were captured for one micro-batch (shapes in
+    ``microbatch_shapes``): a full batch is then split into ``n_microbatches`` slices on dim 0,
+    run slice by slice, and the outputs concatenated on dim 0 (0-d float outputs, such as a
+    mean loss, are averaged).
+
+    ``state_keys`` maps every key of the model's ``state_dict()`` (tied aliases included,
+    in the model's order) to the name the stage modules hold that tensor under.
     """
     strategy: str
     stages: list[Stage]
@@ -78,6 +85,9 @@ class Plan:
     model: str = ""
     fingerprint: str = ""
     balance: str = "time"
+    runs_microbatches: bool = False              # stage modules take batch / n_microbatches
+    microbatch_shapes: tuple = ()                # flat input shapes the stage modules take (None: not a tensor)
+    state_keys: dict = field(default_factory=dict)   # model state_dict key -> stage attribute name
 
     def __post_init__(self):
         if not self.stages:
@@ -86,11 +96,19 @@ class Plan:
     # -- running ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         flat = flatten_inputs(self.in_spec, args, kwargs)
+        if self.runs_microbatches and _shapes(flat) != list(self.microbatch_shapes):
+            parts = [self._run_flat(mb) for mb in split_microbatches(flat, self.n_microbatches)]
+            values = concat_microbatches(parts)
+        else:
+            values = self._run_flat(flat)
+        if self.out_spec is not None:
+            return tree_unflatten(list(values), self.out_spec)
+        return values
+
+    def _run_flat(self, flat: list):
         values: Any = tuple(flat)
         for stage in self.stages:
             values = stage.module(*values)
-        if self.out_spec is not None:
-            return tree_unflatten(list(values), self.out_spec)
         return values
 
     # -- explaining ----------------------------------------------------------------------------
@@ -150,7 +168,9 @@ class Plan:
             "fingerprint": self.fingerprint, "training": self.training, "schedule": self.schedule,
             "n_microbatches": self.n_microbatches, "balance": self.balance, "cuts": list(self.cuts),
             "lower_bound_s": self.lower_bound_s, "device": self.device.to_dict(),
-            "shared_params": self.shared_params,
+            "shared_params": self.shared_params, "runs_microbatches": self.runs_microbatches,
+            "microbatch_shapes": [list(s) if s is not None else None for s in self.microbatch_shapes],
+            "state_keys": self.state_keys,
             "stages": [{"index": s.index, "first_node": s.first_node, "last_node": s.last_node,
                         "params": s.param_names, "cost": s.cost.to_dict()} for s in self.stages],
         }
@@ -160,3 +180,36 @@ class Plan:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
         return path
+
+
+def _shapes(flat: list) -> list:
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+
+
+def split_microbatches(flat: list, n_microbatches: int) -> list[list]:
+    """``n_microbatches`` lists of flat inputs: every tensor with a dim 0 sliced evenly, other values repeated.
+
+    Raises:
+        ValueError: a tensor's dim 0 does not divide by ``n_microbatches``.
+    """
+    for v in flat:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] % n_microbatches:
+            raise ValueError(f"dim 0 of an input of shape {tuple(v.shape)} does not split into "
+                             f"n_microbatches={n_microbatches} equal micro-batches; pass a batch that divides")
+    chunks = [v.chunk(n_microbatches) if isinstance(v, torch.Tensor) and v.dim() > 0 else None for v in flat]
+    return [[c[i] if c is not None else v for c, v in zip(chunks, flat)] for i in range(n_microbatches)]
+
+
+def concat_microbatches(parts: list) -> list:
+    """Per-micro-batch flat outputs joined into one: tensors concatenated on dim 0, 0-d floats averaged."""
+    parts = [list(p) if isinstance(p, (tuple, list)) else [p] for p in parts]
+    joined = []
+    for values in zip(*parts):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            joined.append(torch.cat(values))
+        elif isinstance(first, torch.Tensor) and first.is_floating_point():
+            joined.append(torch.stack(values).mean())
+        else:
+            joined.append(first)
+    return joined

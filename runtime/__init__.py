@@ -2,7 +2,9 @@
 
 Schedules are data (``runtime.schedules``); ``Runner`` interprets them, one stage per rank.
 """
-from .runner import Runner, StageError
+from .runner import Runner, StageError, merge_shards, merge_state_dicts
+from .pipelining import PipeliningSchedule, pipelining_schedule
 from .schedules import Action, gpipe, one_f_one_b, simulate, to_chrome_trace
 
-__all__ = ["Runner", "StageError", "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace"]
+__all__ = ["Runner", "StageError", "merge_shards", "merge_state_dicts", "pipelining_schedule", "PipeliningSchedule",
+           "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace"]

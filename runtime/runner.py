@@ -22,11 +22,13 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from passes._util import flatten_inputs
+from passes._util import flatten_inputs, tensors_of
+
+from partitioner.plan import concat_microbatches, split_microbatches
 
 from .schedules import Action, make_schedule
 
-__all__ = ["Runner", "StageError"]
+__all__ = ["Runner", "StageError", "merge_state_dicts", "merge_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,13 @@ class Runner:
         >>> loss = runner.step((x,), y)
     """
 
-    def __init__(self, plan, *, schedule: str = "1f1b", n_microbatches: int = 1,
-                 loss_fn: Callable | None = None, optimizer_fn: Callable | None = None, timeout_s: float = 300.0):
+    def __init__(self, plan, *, schedule: str = "1f1b", n_microbatches: int | None = None,
+                 loss_fn: Callable | None = None, optimizer_fn: Callable | None = None, timeout_s: float = 300.0,
+                 track_memory: bool = False):
         if getattr(plan, "strategy", "pipeline") != "pipeline":
             raise ValueError(f"Runner runs pipeline plans; this plan's strategy is {plan.strategy!r}")
+        if n_microbatches is None:   # a plan made with n_microbatches=m runs m micro-batches per batch
+            n_microbatches = plan.n_microbatches if getattr(plan, "runs_microbatches", False) else 1
         if not isinstance(n_microbatches, int) or n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
         self.n_stages = len(plan.stages)
@@ -73,7 +78,8 @@ class Runner:
         self.rank = dist.get_rank()
         self.stage_index = self.rank
         self.device = self._pick_device()
-        self._example_shapes = _placeholder_shapes(plan.stages[0].module)
+        self._example_shapes = list(getattr(plan, "microbatch_shapes", ())) or _placeholder_shapes(plan.stages[0].module)
+        self._state_keys = dict(getattr(plan, "state_keys", {}) or {})
         self.module = plan.stages[self.rank].module.to(self.device)   # only our stage is kept
         self.estimated_memory_bytes = int(plan.stages[self.rank].cost.memory_bytes)
         self.in_spec, self.out_spec = plan.in_spec, plan.out_spec
@@ -84,6 +90,9 @@ class Runner:
         self.optimizer = None
         self._tied = self._tied_groups(plan.shared_params)
         self._pending: list = []
+        self.track_memory = track_memory
+        self.measured_peak_bytes: int | None = None   # last step's peak (track_memory or CUDA)
+        self.activation_log: list[int] = []           # live micro-batches with saved activations, after each action
 
     # -- setup ----------------------------------------------------------------------------
     def _init_process_group(self, timeout_s: float) -> None:
@@ -123,17 +132,23 @@ class Runner:
 
     # -- public ----------------------------------------------------------------------------
     def forward(self, *inputs, **kwargs):
-        """Run one batch of the planned example shape through the pipeline (no gradients).
+        """Run a batch through the pipeline (no gradients): ``n_microbatches`` micro-batches, or one
+        batch of the planned micro-batch shape. Outputs are concatenated on dim 0.
 
         Every rank passes the same inputs (only rank 0 uses them) and returns the outputs.
         """
         flat = self._flatten(inputs, kwargs)
-        self._check_shapes(flat, "forward")
+        flats = [flat] if _shapes(flat) == self._example_shapes else split_microbatches(flat, self.n_microbatches)
+        self._check_shapes(flats[0], "forward")
+        parts = []
         with torch.no_grad():
-            values = self._guarded(Action(self.rank, "F", 0), lambda: self._forward_values(flat, 0, train=False))
+            for mb in range(len(flats)):
+                parts.append(self._guarded(Action(self.rank, "F", mb),
+                                           lambda: self._forward_values(flats, mb, train=False)))
         self._wait()
         result = [None]
         if self.rank == self.n_stages - 1:
+            values = concat_microbatches(parts) if len(parts) > 1 else parts[0]
             result = [[v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in values]]
         dist.broadcast_object_list(result, src=self.n_stages - 1,
                                    device=self.device if self.device.type == "cuda" else None)
@@ -154,8 +169,9 @@ class Runner:
         if self.loss_fn is None:   # checked on every rank, so no rank starts a step its peers refuse
             raise ValueError("Runner.step needs loss_fn(outputs, target_mb) -> scalar tensor; none was given to "
                              "Runner(...)")
-        if self.optimizer is None:
-            self.optimizer = self.optimizer_fn([p for p in self.module.parameters() if p.requires_grad])
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.optimizer is None and params:   # a stage of parameter-free ops has nothing to update
+            self.optimizer = self.optimizer_fn(params)
         m = self.n_microbatches
         if isinstance(inputs, dict):
             args, kwargs = (), inputs
@@ -166,50 +182,104 @@ class Runner:
         flats = [self._flatten(a, k) for a, k in zip(*_split((args, kwargs), m, "inputs"))]
         self._check_shapes(flats[0], "step")
         targets = _split(target, m, "target") if self.rank == self.n_stages - 1 else None
-        state: dict[int, Any] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.module.train()
-        for action in self.actions:
-            if action.kind == "F":
-                state[action.microbatch] = self._guarded(
-                    action, lambda: self._train_forward(action.microbatch, flats, targets))
-                if self.rank == self.n_stages - 1:
-                    loss_sum += state[action.microbatch][1].detach().to(torch.float64)
-            else:
-                self._guarded(action, lambda: self._train_backward(action.microbatch, state.pop(action.microbatch)))
-        self._wait()
-        log.debug("rank %d: %d actions of %s done", self.rank, len(self.actions), self.schedule_name)
-        self._sync_tied_grads()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self._memory_tracker() as tracker:
+            loss_sum = self._run_actions(flats, targets)
+            self._sync_tied_grads()
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.measured_peak_bytes = tracker.peak_bytes()
         loss = (loss_sum / m).to(torch.float32)
         dist.broadcast(loss, src=self.n_stages - 1)
         return float(loss)
 
-    def full_state_dict(self) -> dict | None:
-        """The whole model's state dict on rank 0 (keys are the captured graph's FQNs); None elsewhere.
+    def _run_actions(self, flats, targets) -> torch.Tensor:
+        """Interpret this rank's schedule once; returns the sum of the micro-batch losses (last stage)."""
+        state: dict[int, Any] = {}
+        live = _LiveActivations()
+        self.activation_log = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for action in self.actions:
+            if action.kind == "F":
+                with live.recording(action.microbatch):
+                    state[action.microbatch] = self._guarded(
+                        action, lambda: self._train_forward(action.microbatch, flats, targets))
+                if self.rank == self.n_stages - 1:
+                    loss_sum += state[action.microbatch][1].detach().to(torch.float64)
+            else:
+                self._guarded(action, lambda: self._train_backward(action.microbatch, state.pop(action.microbatch)))
+            self.activation_log.append(live.count())
+        self._wait()
+        log.debug("rank %d: %d actions of %s done", self.rank, len(self.actions), self.schedule_name)
+        return loss_sum
 
-        A tied parameter appears once, under the name the captured graph gives it.
-        """
+    def _memory_tracker(self):
+        if self.device.type == "cuda":
+            return _CudaPeak(self.device)
+        if self.track_memory:
+            return _StoragePeak(self.module, self.optimizer)
+        return _NoPeak()
+
+    def shard_state_dict(self) -> dict:
+        """This rank's part of the model's state dict, under the model's own keys (tied aliases included)."""
         local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        if not self._state_keys:
+            return local
+        return {key: local[name] for key, name in self._state_keys.items() if name in local}
+
+    def save_shard(self, directory: str) -> str:
+        """Write this rank's shard (model keys, optimizer state) to ``directory/shard-<rank>.pt``; returns the path.
+
+        ``runtime.merge_shards(directory)`` joins the shards into one state dict.
+        """
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"shard-{self.rank}.pt")
+        optim = self.optimizer.state_dict() if self.optimizer is not None else None
+        torch.save({"rank": self.rank, "n_stages": self.n_stages, "model": self.shard_state_dict(),
+                    "optimizer": optim, "state_keys": self._state_keys}, path)
+        return path
+
+    def load_shard(self, directory: str) -> None:
+        """Load this rank's shard written by ``save_shard`` (parameters and, if present, optimizer state)."""
+        saved = torch.load(os.path.join(directory, f"shard-{self.rank}.pt"), weights_only=False)
+        if saved["n_stages"] != self.n_stages:
+            raise ValueError(f"{directory} holds a checkpoint of {saved['n_stages']} stages; this plan has "
+                             f"{self.n_stages}")
+        names = dict(self._state_keys) or {k: k for k in saved["model"]}
+        local = {name: saved["model"][key] for key, name in names.items() if key in saved["model"]}
+        result = self.module.load_state_dict(local, strict=False)   # non-persistent buffers are not saved
+        if result.unexpected_keys:
+            raise ValueError(f"shard {self.rank} in {directory} holds {result.unexpected_keys[:8]}, which stage "
+                             f"{self.stage_index} does not have; it was saved from another plan")
+        if saved["optimizer"] is not None:
+            if self.optimizer is None:
+                self.optimizer = self.optimizer_fn([p for p in self.module.parameters() if p.requires_grad])
+            self.optimizer.load_state_dict(saved["optimizer"])
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0, keys and order as ``model.state_dict()``; None elsewhere.
+
+        Tied parameters appear under every key the model has for them (the plan's ``state_keys``);
+        a plan made from a captured graph has the graph's names only.
+        """
         gathered = [None] * self.n_stages if self.rank == 0 else None
-        dist.gather_object(local, gathered, dst=0)
+        dist.gather_object(self.shard_state_dict(), gathered, dst=0)
         if self.rank != 0:
             return None
-        merged: dict = {}
-        for part in gathered:
-            for k, v in part.items():
-                merged.setdefault(k, v)
-        return merged
+        return merge_state_dicts(gathered, list(self._state_keys) or None)
 
     def memory_report(self) -> list[dict]:
         """Measured peak memory next to the plan's estimate, one row per rank (on every rank).
 
-        CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set size
-        (``ru_maxrss``), which also counts the interpreter, torch and anything the script built.
+        Measured over the last ``step``: CUDA, the allocator's peak (``max_memory_allocated``); CPU
+        with ``track_memory=True``, the peak of live tensor storages (parameters, gradients,
+        optimizer state, activations, temporaries, received tensors), counted by a dispatch mode. Otherwise the process's peak resident set size (``ru_maxrss``),
+        which also counts the interpreter and torch.
         """
-        if self.device.type == "cuda":
-            measured, how = torch.cuda.max_memory_allocated(self.device), "cuda.max_memory_allocated"
+        if self.measured_peak_bytes is not None:
+            measured = self.measured_peak_bytes
+            how = "cuda.max_memory_allocated" if self.device.type == "cuda" else "live storages peak"
         else:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             measured, how = (rss if sys.platform == "darwin" else rss * 1024), "ru_maxrss (whole process)"
@@ -247,8 +317,8 @@ class Runner:
                      for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
             self._send_tensors(grads, self.rank - 1, mb, "B")
 
-    def _forward_values(self, flat, mb: int, *, train: bool):
-        values = self.module(*self._stage_inputs(mb, [flat], train=train))
+    def _forward_values(self, flats, mb: int, *, train: bool):
+        values = self.module(*self._stage_inputs(mb, flats, train=train))
         if self.rank < self.n_stages - 1:
             self._send(values, mb, "F")
             return None
@@ -338,6 +408,149 @@ class Runner:
         if self.out_spec is not None:
             return tree_unflatten(list(values), self.out_spec)
         return values[0] if len(values) == 1 else tuple(values)
+
+
+def merge_state_dicts(parts: list[dict], keys: list[str] | None = None) -> dict:
+    """One state dict from per-stage parts (a tied key held by several stages is taken once).
+
+    Raises:
+        KeyError: ``keys`` names a key no part holds.
+    """
+    merged: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    if keys is None:
+        return merged
+    missing = [k for k in keys if k not in merged]
+    if missing:
+        raise KeyError(f"no stage holds {missing[:8]} (of {len(missing)} keys): parameters no graph node reads "
+                       f"are not placed on any stage")
+    return {k: merged[k] for k in keys}
+
+
+def merge_shards(directory: str) -> dict:
+    """The whole model's state dict from the ``shard-<rank>.pt`` files ``Runner.save_shard`` wrote."""
+    paths = sorted(p for p in os.listdir(directory) if p.startswith("shard-") and p.endswith(".pt"))
+    shards = [torch.load(os.path.join(directory, p), weights_only=False) for p in paths]
+    if not shards or len(shards) != shards[0]["n_stages"]:
+        raise ValueError(f"{directory} holds {len(shards)} shards; the checkpoint needs "
+                         f"{shards[0]['n_stages'] if shards else 'at least 1'}")
+    return merge_state_dicts([s["model"] for s in shards], list(shards[0]["state_keys"]) or None)
+
+
+class _LiveActivations:
+    """Counts micro-batches whose saved-for-backward tensors are still alive (autograd saved_tensors_hooks)."""
+
+    def __init__(self):
+        self._live: dict[int, int] = {}
+
+    def recording(self, mb: int):
+        def pack(t):
+            self._live[mb] = self._live.get(mb, 0) + 1
+            return _Saved(t, self, mb)
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor)
+
+    def release(self, mb: int) -> None:
+        self._live[mb] -= 1
+
+    def count(self) -> int:
+        return sum(1 for n in self._live.values() if n > 0)
+
+
+class _Saved:
+    """A saved tensor; when autograd frees it (after the backward), its micro-batch holds one fewer."""
+    __slots__ = ("tensor", "_owner", "_mb")
+
+    def __init__(self, tensor, owner, mb):
+        self.tensor, self._owner, self._mb = tensor, owner, mb
+
+    def __del__(self):
+        self._owner.release(self._mb)
+
+
+class _NoPeak:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def peak_bytes(self):
+        return None
+
+
+class _CudaPeak(_NoPeak):
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def peak_bytes(self):
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+
+class _StoragePeak(_NoPeak):
+    """Peak bytes of live tensor storages over one step on the CPU: the parameters, gradients and
+    optimizer state present at the start, plus every storage an op allocates inside (a
+    ``TorchDispatchMode`` sees each op's outputs; a storage counts until it is freed).
+
+    ``MemTracker`` refuses a module called several times per step (one call per micro-batch),
+    so the runtime counts storages itself, as ``MemTracker`` does underneath.
+    """
+
+    def __init__(self, module, optimizer):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        self._ref = StorageWeakRef
+        self._live: dict[int, tuple] = {}
+        held = list(module.parameters()) + list(module.buffers())
+        held += [p.grad for p in module.parameters() if p.grad is not None]
+        if optimizer is not None:
+            held += [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        for t in held:
+            self._add(t)
+        self._current = self._peak = sum(n for _, n in self._live.values())
+        self._mode = None
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self._live:
+            self._live[key] = (self._ref(storage), storage.nbytes())
+
+    def _observe(self, out) -> None:
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            del self._live[key]
+        for t in tensors_of(out):
+            if t.device.type != "meta":
+                self._add(t)
+        self._current = sum(n for _, n in self._live.values())
+        self._peak = max(self._peak, self._current)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._observe(out)
+                return out
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def peak_bytes(self):
+        return int(self._peak)
+
+
+def _shapes(flat: list) -> list:
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
 
 
 def _placeholder_shapes(gm: torch.fx.GraphModule) -> list:
