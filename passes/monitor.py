@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from ._util import format_bytes, table
 from .capture import normalize_inputs
 from .estimate import Estimate
-from .simulate import OPTIMIZERS, NodeTrace, _Tracker
+from .simulate import OPTIMIZERS, _Tracker, _warm_optimizer, step_loss
 
 __all__ = ["measure_step", "MemoryReport"]
 
@@ -161,18 +161,8 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
     opt = _warm_optimizer(optimizer, params)
     device = params[0].device
     tracker = _Tracker({})
-    for p in model.parameters():
-        tracker.track(p, "param")
-    for b in model.buffers():
-        tracker.track(b, "buffer")
-    for t in tree_flatten((args, kwargs))[0]:
-        if isinstance(t, torch.Tensor):
-            tracker.track(t, "input")
-    if opt is not None:
-        for t in tree_flatten(opt.state_dict()["state"])[0]:
-            if isinstance(t, torch.Tensor):
-                tracker.track(t, "optimizer")
-    resident = {k: v for k, v in tracker.live.items() if v}
+    resident = tracker.track_resident(list(model.parameters()), list(model.buffers()), tree_flatten((args, kwargs))[0],
+                                      opt)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -204,24 +194,15 @@ def _step(model, args, kwargs, tracker: _Tracker, opt, loss_fn, params) -> float
         stack.pop()
         tracker.owner = stack[-1] if stack else LOSS
 
-    def pack(t):
-        alloc = tracker.allocs.get(t.untyped_storage()._cdata)
-        key = t.untyped_storage()._cdata
-        if alloc is not None and alloc[1] == "activation" and key not in saved:
-            saved.add(key)
-            tracker.nodes.setdefault(alloc[2], NodeTrace()).saved_bytes += alloc[0]
-        return t
-
-    saved: set[int] = set()
     hooks = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
     hooks += [p.register_post_accumulate_grad_hook(lambda p: tracker.recategorize(p.grad, "grad")) for p in params]
     try:
         with tracker, torch.enable_grad():
             tracker.phase = "forward"
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with tracker.saving():
                 out = model(*args, **kwargs)
             tracker.owner = LOSS
-            loss = _loss(out, loss_fn)
+            loss = step_loss(out, loss_fn)
             del out
             tracker.phase, tracker.owner = "backward", BACKWARD
             # backward ops have no module: charge them to one row, not to the last module
@@ -238,24 +219,3 @@ def _step(model, args, kwargs, tracker: _Tracker, opt, loss_fn, params) -> float
     return value
 
 
-def _loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
-    if loss_fn is not None:
-        return loss_fn(out)
-    floats = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
-              and t.requires_grad]
-    if not floats:
-        raise ValueError("the model returns no floating-point output that depends on trainable parameters; "
-                         "pass loss_fn")
-    return sum(t.sum() for t in floats[1:]) + floats[0].sum() if len(floats) > 1 else floats[0].sum()
-
-
-def _warm_optimizer(optimizer: str | None, params: list[torch.nn.Parameter]):
-    """An optimizer whose state exists, as after earlier steps (zero gradients: weights barely move)."""
-    if optimizer is None:
-        return None
-    opt = torch.optim.SGD(params, lr=1e-3) if optimizer == "sgd" else torch.optim.AdamW(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return opt

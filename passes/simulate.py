@@ -115,6 +115,29 @@ class _Tracker(TorchDispatchMode):
             self.live[alloc[1]] -= alloc[0]
             self.live_total -= alloc[0]
 
+    def track_resident(self, params, buffers, inputs, opt) -> dict[str, int]:
+        """Follow what exists before the step (parameters, buffers, inputs, optimizer state); its bytes by category."""
+        for category, tensors in (("param", params), ("buffer", buffers), ("input", inputs),
+                                  ("optimizer", tree_flatten(opt.state_dict()["state"])[0] if opt else [])):
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    self.track(t, category)
+        return {k: v for k, v in self.live.items() if v}
+
+    def saving(self):
+        """A ``saved_tensors_hooks`` context charging each storage autograd saves (once) to its creator."""
+        saved_keys: set[int] = set()
+
+        def pack(t):
+            key = t.untyped_storage()._cdata
+            alloc = self.allocs.get(key)
+            if alloc is not None and alloc[1] == "activation" and key not in saved_keys:
+                saved_keys.add(key)   # views of one storage are saved once
+                self.nodes.setdefault(alloc[2], NodeTrace()).saved_bytes += alloc[0]
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
     def recategorize(self, t: torch.Tensor, category: str) -> None:
         alloc = self.allocs.get(t.untyped_storage()._cdata)
         if alloc is not None and alloc[1] != category:
@@ -269,18 +292,7 @@ def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: b
         flat_inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
                        for t in _flat_inputs(gm, args, kwargs)]
         opt = _warm_optimizer(optimizer, params, foreach) if training else None
-    for p in params:
-        tracker.track(p, "param")
-    for b in buffers:
-        tracker.track(b, "buffer")
-    for t in flat_inputs:
-        if isinstance(t, torch.Tensor):
-            tracker.track(t, "input")
-    if opt is not None:
-        for t in tree_flatten(opt.state_dict()["state"])[0]:
-            if isinstance(t, torch.Tensor):
-                tracker.track(t, "optimizer")
-    resident = {k: v for k, v in tracker.live.items() if v}
+    resident = tracker.track_resident(params, buffers, flat_inputs, opt)
     # a training step needs autograd even when the caller is inside torch.no_grad()
     with fake_mode, tracker, torch.set_grad_enabled(training):
         _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
@@ -300,21 +312,11 @@ def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -
         return
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recategorize(p.grad, "grad"))
              for p in params if p.requires_grad]
-
-    def pack(t):
-        key = t.untyped_storage()._cdata
-        alloc = tracker.allocs.get(key)
-        if alloc is not None and alloc[1] == "activation" and key not in saved_keys:
-            saved_keys.add(key)   # views of one storage are saved once
-            tracker.nodes.setdefault(alloc[2], NodeTrace()).saved_bytes += alloc[0]
-        return t
-
-    saved_keys: set[int] = set()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with tracker.saving():
         # the interpreter rebuilds the model's output structure (the graph's out_spec)
         outputs = runner.run(*flat_inputs)
     tracker.owner = LOSS
-    loss = _loss(outputs, loss_fn)
+    loss = step_loss(outputs, loss_fn)
     del outputs
     runner = None  # noqa: F841 - drop the interpreter's references
     tracker.phase = "backward"
@@ -327,7 +329,8 @@ def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -
         opt.step()
 
 
-def _loss(outputs: Any, loss_fn: Callable | None) -> torch.Tensor:
+def step_loss(outputs: Any, loss_fn: Callable | None) -> torch.Tensor:
+    """``loss_fn(outputs)``, or the sum of every floating-point output that needs a gradient."""
     if loss_fn is not None:
         loss = loss_fn(outputs)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
@@ -372,8 +375,8 @@ def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: b
     return attrs, params, buffers
 
 
-def _warm_optimizer(optimizer: str | None, params: list[torch.Tensor], foreach: bool):
-    """An optimizer whose state exists, as after earlier steps."""
+def _warm_optimizer(optimizer: str | None, params: list[torch.Tensor], foreach: bool | None = None):
+    """An optimizer whose state exists, as after earlier steps (``foreach=None``: PyTorch's default)."""
     trainable = [p for p in params if p.requires_grad]
     if optimizer is None or not trainable:
         return None
