@@ -45,6 +45,23 @@ def test_recompute_peak_is_under_budget_in_simulation(gpt, fraction):
     assert fitted.meta[PLAN].peak_bytes <= fraction * base
 
 
+def test_recompute_real_step_peaks_at_or_under_budget():
+    """The real forward + backward on real tensors, every storage followed by passes.monitor: no slack.
+
+    A fresh model: MemTracker's instrumentation stays on a model's parameters after its context
+    exits and adds a gradient-sized buffer to later steps of that model."""
+    from passes.monitor import measure_step
+    torch.manual_seed(0)
+    model, inputs = tiny_gpt(n_layers=4, d_model=64, batch=8, seq=128, vocab_size=256)
+    gm = capture(model, inputs)
+    base = simulate(gm, inputs, {}, training=True).peak_bytes
+    for fraction in (0.6, 0.45):
+        budget = int(fraction * base)
+        fitted = recompute(gm, inputs, peak_bytes=budget)
+        assert measure_step(fitted, inputs, optimizer=None, copy_model=False).peak_bytes <= budget
+        model.zero_grad(set_to_none=True)
+
+
 def test_recompute_measured_peak_is_under_budget(gpt):
     """A real forward + backward, every storage followed by MemTracker (parameters and inputs included)."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -57,8 +74,9 @@ def test_recompute_measured_peak_is_under_budget(gpt):
     with tracker:
         fitted(*inputs).sum().backward()
     model.zero_grad(set_to_none=True)
-    # MemTracker and the simulator differ by a few small allocations (< 1% on this small model;
-    # identical on the benchmark's 8-layer GPT)
+    # With MemTracker attached the step allocates one extra gradient-sized buffer (0.4% here, none on the
+    # benchmark's 8-layer GPT); followed without MemTracker the real step is at or under the budget
+    # exactly (test_recompute_real_step_peaks_at_or_under_budget)
     assert tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] <= 1.01 * budget
 
 
