@@ -88,7 +88,7 @@ class _ComputeClock:
     def __init__(self, module: torch.nn.Module, optimizer, runner=None):
         self.recv_s = 0.0
         self._runner = runner
-        if runner is not None:   # fxpart: time blocked in its point-to-point receives (headers and tensors)
+        if runner is not None:   # fxpart: time blocked in its point-to-point receives (tensors; a shape header only when a stage input has no static shape)
             recv = runner._recv_tensors
 
             def timed_recv(*args, **kwargs):
@@ -287,11 +287,11 @@ inside `torch.autograd.backward` (wrapped only for these steps). `idle (step)` =
 step wall time; `idle (excl. optimizer)` subtracts the optimizer step (optimizer step hooks)
 from the wall time, which is what the bubble formula describes. `blocked in recv`: the share of
 that time the Runner spends in its blocking receives (its private `_recv_tensors`, wrapped for
-these steps; headers and tensors). `simulated` is
+these steps). `simulated` is
 `runtime.schedules.simulate` with the measured median F and B time of each stage (no
 communication cost). `theory` is (p-1)/(m+p-1) with p = 2. The last column measures torch's
 schedules on the same module the same way. Idle above the simulated value is communication
-(header + tensor messages over gloo), Python overhead between actions and two processes
+(point-to-point messages over gloo), Python overhead between actions and two processes
 sharing 2 cores with anything else running.
 """
 

@@ -80,6 +80,11 @@ class Runner:
         self.device = self._pick_device()
         self._example_shapes = list(getattr(plan, "microbatch_shapes", ())) or _placeholder_shapes(plan.stages[0].module)
         self._state_keys = dict(getattr(plan, "state_keys", {}) or {})
+        # stage graphs have static shapes (inputs of another shape are refused): what a stage receives is
+        # known from its placeholders, so messages need no shape header when every placeholder has one
+        self._recv_specs = _placeholder_specs(plan.stages[self.rank].module)
+        self._send_static = self.rank + 1 < self.n_stages and \
+            _placeholder_specs(plan.stages[self.rank + 1].module) is not None
         self.module = plan.stages[self.rank].module.to(self.device)   # only our stage is kept
         self.estimated_memory_bytes = int(plan.stages[self.rank].cost.memory_bytes)
         self.in_spec, self.out_spec = plan.in_spec, plan.out_spec
@@ -346,6 +351,9 @@ class Runner:
         for v in values:
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"stage {self.rank} sends a {type(v).__name__}; only tensors may cross a cut")
+        if self._send_static:
+            self._send_tensors(values, self.rank + 1, mb, kind)
+            return
         header = torch.zeros(len(values) * _HEADER, dtype=torch.int64)
         for i, v in enumerate(values):
             if v.dim() > _MAX_DIMS or v.dtype not in _CODE:
@@ -355,6 +363,8 @@ class Runner:
         self._send_tensors([header.to(self.device)] + values, self.rank + 1, mb, kind)
 
     def _recv(self, src: int, mb: int, kind: str) -> list[torch.Tensor]:
+        if self._recv_specs is not None:
+            return self._recv_tensors(self._recv_specs, src, mb, kind)
         n = len([n for n in self.module.graph.nodes if n.op == "placeholder"])
         header = self._recv_tensors([(torch.int64, (n * _HEADER,))], src, mb, kind, first_index=0)[0].cpu()
         specs = []
@@ -369,11 +379,11 @@ class Runner:
             self._pending.append((dist.isend(t, dst, tag=_tag(mb, kind, i)), t))
 
     def _recv_tensors(self, specs, src: int, mb: int, kind: str, first_index: int = 0) -> list[torch.Tensor]:
-        out = []
-        for i, (dtype, shape) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(buf, src, tag=_tag(mb, kind, first_index + i))
-            out.append(buf)
+        out = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        # post every receive at once so the transfers overlap, then wait for all
+        works = [dist.irecv(buf, src, tag=_tag(mb, kind, first_index + i)) for i, buf in enumerate(out)]
+        for work in works:
+            work.wait()
         return out
 
     def _wait(self) -> None:
@@ -551,6 +561,18 @@ class _StoragePeak(_NoPeak):
 
 def _shapes(flat: list) -> list:
     return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+
+
+def _placeholder_specs(gm: torch.fx.GraphModule) -> list[tuple] | None:
+    """(dtype, shape) of every input of a stage graph, or None when one is not a tensor with a static shape."""
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+                return None
+            specs.append((val.dtype, tuple(val.shape)))
+    return specs
 
 
 def _placeholder_shapes(gm: torch.fx.GraphModule) -> list:
