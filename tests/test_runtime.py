@@ -73,9 +73,9 @@ def _sgd(params):
 CASES = {
     "mlp-2": ("mlp", 2, 4, ("gpipe", "1f1b"), ("GPipe", "1F1B")),
     "llama-2": ("llama", 2, 2, ("gpipe", "1f1b"), ()),
-    "gpt2-2": ("gpt2", 2, 2, ("1f1b",), ()),
+    "gpt2-2": ("gpt2", 2, 2, ("gpipe", "1f1b"), ()),
     "tiny_gpt-4": ("tiny_gpt", 4, 4, ("gpipe", "1f1b"), ("1F1B",)),
-    "moe-4": ("moe", 4, 4, ("1f1b",), ("GPipe",)),
+    "moe-4": ("moe", 4, 4, ("gpipe", "1f1b"), ("GPipe",)),
     "mlp-interleaved": ("mlp", 4, 4, (), ("Interleaved1F1B",)),
 }
 
