@@ -76,7 +76,7 @@ CASES = {
     "gpt2-2": ("gpt2", 2, 2, ("gpipe", "1f1b"), ()),
     "tiny_gpt-4": ("tiny_gpt", 4, 4, ("gpipe", "1f1b"), ("1F1B",)),
     "moe-4": ("moe", 4, 4, ("gpipe", "1f1b"), ("GPipe",)),
-    "mlp-interleaved": ("mlp", 4, 4, (), ("Interleaved1F1B",)),
+    "mlp-interleaved": ("mlp", 4, 4, (), ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")),
 }
 
 
