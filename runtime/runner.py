@@ -11,6 +11,7 @@ Launch with ``torchrun --nproc-per-node <n_stages> script.py``.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import resource
@@ -78,6 +79,7 @@ class Runner:
         self.rank = dist.get_rank()
         self.stage_index = self.rank
         self.device = self._pick_device()
+        self._check_same_plan(plan, schedule, n_microbatches)
         self._example_shapes = list(getattr(plan, "microbatch_shapes", ())) or _placeholder_shapes(plan.stages[0].module)
         self._state_keys = dict(getattr(plan, "state_keys", {}) or {})
         # stage graphs have static shapes (inputs of another shape are refused): what a stage receives is
@@ -113,6 +115,21 @@ class Runner:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+    def _check_same_plan(self, plan, schedule: str, n_microbatches: int) -> None:
+        """Every rank must run the same plan: compare a digest of it before any pipeline traffic."""
+        summary = repr((getattr(plan, "fingerprint", ""), tuple(plan.cuts), self.n_stages, schedule, n_microbatches,
+                        tuple(getattr(plan, "microbatch_shapes", ()))))
+        digest = int.from_bytes(hashlib.sha256(summary.encode()).digest()[:8], "little", signed=True)
+        mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
+        everyone = [torch.zeros_like(mine) for _ in range(self.n_stages)]
+        dist.all_gather(everyone, mine)
+        digests = [int(t.item()) for t in everyone]
+        if len(set(digests)) > 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ValueError(f"rank {self.rank}: the ranks do not run the same plan (ranks {differ} differ from rank 0 "
+                             f"in the model graph, cuts, schedule or n_microbatches); build the plan identically on "
+                             f"every rank, or save it once and load_plan it everywhere")
 
     def _pick_device(self) -> torch.device:
         if dist.get_backend() == "nccl":

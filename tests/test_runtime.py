@@ -176,6 +176,16 @@ def _fault_worker(kind: str) -> None:
     runner.step(args, target)
 
 
+def _mismatch_worker() -> None:
+    """Rank 1 plans other cuts than rank 0: both must refuse before any pipeline traffic."""
+    from partitioner import partition
+    from runtime import Runner
+    model, args, _, _, _ = _case("mlp", 4)
+    cuts = ["linear_1"] if int(os.environ["RANK"]) == 0 else ["linear_3"]
+    plan = partition(model, 2, args, device="h100", cuts=cuts)
+    Runner(plan, loss_fn=F.mse_loss, optimizer_fn=_sgd, timeout_s=20)
+
+
 # -- launching ----------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -258,6 +268,14 @@ def test_a_failing_rank_ends_every_rank_nonzero_within_the_timeout(kind, tmp_pat
         assert codes[1] == 17
 
 
+@pytest.mark.slow
+def test_ranks_with_different_plans_are_refused_on_every_rank(tmp_path):
+    codes, logs = _launch("mismatch", tmp_path, 2, timeout_s=90, expect_ok=False)
+    assert all(c not in (0, None) for c in codes), (codes, [log[-2000:] for log in logs])
+    for rank, log in enumerate(logs):
+        assert f"rank {rank}: the ranks do not run the same plan (ranks [1] differ" in log, log[-2000:]
+
+
 def test_runner_refuses_a_world_size_other_than_the_number_of_stages(monkeypatch):
     from partitioner import partition
     from runtime import Runner
@@ -285,5 +303,7 @@ def test_plan_made_on_the_full_batch_runs_micro_batch_stages_and_keeps_the_model
 if __name__ == "__main__":
     if sys.argv[1].startswith("fault-"):
         _fault_worker(sys.argv[1].split("-")[1])
+    elif sys.argv[1] == "mismatch":
+        _mismatch_worker()
     else:
         _worker(sys.argv[1], sys.argv[2])
