@@ -16,17 +16,19 @@ from pathlib import Path
 import pydot
 import torch
 
-from passes._keys import COST
+from passes._keys import COLLECTIVE, COST
 from passes._util import format_bytes, format_count, format_seconds
 from passes.draw import module_group, render, value_bytes, write_dot
 
-__all__ = ["plan_dot", "draw_plan", "render", "stage_chart", "schedule_timeline"]
+__all__ = ["plan_dot", "tensor_dot", "draw_plan", "render", "stage_chart", "schedule_timeline"]
 
 _COLORS = ["#dbe9f6", "#fde2c8", "#d9f0d3", "#f3d1e6", "#fff2b3", "#d0e0e3", "#e6d5f5", "#f9d6d5"]
 
 
 def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
     """A DOT graph of the plan: one cluster per stage, one box per module group."""
+    if plan.strategy == "tensor":
+        return tensor_dot(plan, depth=depth)
     dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
                     label=f"{plan.model}: {len(plan.stages)} {plan.strategy} stages on "
                           f"{getattr(plan.device, 'name', plan.device)}, balance {plan.balance_ratio:.3f} x lower bound",
@@ -71,6 +73,62 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
     dot.add_node(pydot.Node("legend", shape="note", fontname="Helvetica",
                             label="box: module group (ops, forward FLOPs)\\ncluster: stage (fwd+bwd FLOPs, "
                                   "time, memory)\\nred edge: tensors crossing a cut (bytes per batch)"))
+    return dot
+
+
+def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
+    """A tensor plan: shards side by side (one cluster each), collectives as shared nodes between them."""
+    from .tensor import ALL_REDUCE, WAIT
+    dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
+                    label=f"{plan.model}: {len(plan.stages)} tensor-parallel shards on "
+                          f"{getattr(plan.device, 'name', plan.device)}", labelloc="t")
+    collectives: dict[str, pydot.Node] = {}
+    edges: set[tuple[str, str]] = set()
+    for stage in plan.stages:
+        c = stage.cost
+        cluster = pydot.Cluster(f"shard{stage.index}", style="filled", fillcolor=_COLORS[stage.index % len(_COLORS)],
+                                fontname="Helvetica", label=f"shard {stage.index}: {format_bytes(c.param_bytes)} params, "
+                                f"{format_count(c.flops + c.backward_flops, 'FLOP')}, {format_seconds(c.time_s)}")
+        box_of: dict[str, str] = {}
+        groups: dict[str, list] = {}
+        for node in stage.module.graph.nodes:
+            if node.op == "call_function" and node.target not in (ALL_REDUCE, WAIT):
+                groups.setdefault(module_group(node, depth), []).append(node)
+        for name, nodes in groups.items():
+            box = f"s{stage.index}_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+            flops = sum(n.meta[COST].flops for n in nodes if COST in n.meta)
+            cluster.add_node(pydot.Node(box, label=f"{name}\\n{len(nodes)} ops, {format_count(flops, 'FLOP')}",
+                                        shape="box", style="filled", fillcolor="white", fontname="Helvetica"))
+            box_of.update((n.name, box) for n in nodes)
+        for node in stage.module.graph.nodes:
+            if node.op != "call_function" or node.target is not ALL_REDUCE:
+                continue
+            info = node.meta.get(COLLECTIVE, {})
+            key = f"allreduce_{node.name}"
+            collectives.setdefault(key, pydot.Node(
+                key, label=f"all-reduce (sum)\\n{info.get('block', '')}\\n{format_bytes(info.get('bytes', 0))}",
+                shape="ellipse", style="filled", fillcolor="#f5b7b1", fontname="Helvetica"))
+            src = box_of.get(node.args[0].name)
+            if src:
+                edges.add((src, key))
+            for wait in node.users:
+                for user in wait.users:
+                    if user.name in box_of:
+                        edges.add((key, box_of[user.name]))
+        for node in stage.module.graph.nodes:   # data flow between module groups inside the shard
+            for arg in node.all_input_nodes:
+                a, b = box_of.get(arg.name), box_of.get(node.name)
+                if a and b and a != b:
+                    edges.add((a, b))
+        dot.add_subgraph(cluster)
+    for node in collectives.values():
+        dot.add_node(node)
+    for src, dst in sorted(edges):
+        red = src.startswith("allreduce_") or dst.startswith("allreduce_")
+        dot.add_edge(pydot.Edge(src, dst, **({"color": "#c0392b", "penwidth": "2"} if red else {})))
+    dot.add_node(pydot.Node("legend", shape="note", fontname="Helvetica",
+                            label="cluster: shard (params, fwd+bwd FLOPs, time)\\nbox: module group (ops, FLOPs)"
+                                  "\\nred ellipse: all-reduce joining every shard (bytes per batch)"))
     return dot
 
 

@@ -26,7 +26,7 @@ __all__ = ["partition", "load_plan", "STRATEGIES"]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("pipeline",)
+STRATEGIES = ("pipeline", "tensor")
 
 
 def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), example_kwargs: dict | None = None,
@@ -45,7 +45,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
         model_or_gm: an ``nn.Module`` or a graph from ``passes.capture``.
         n_devices: number of stages, one per device.
         example_inputs, example_kwargs: the example batch (the whole batch of one step).
-        strategy: "pipeline" (contiguous stages).
+        strategy: "pipeline" (contiguous stages) or "tensor" (one shard per device: column/row-parallel
+            matmul pairs, attention by heads, all-reduces between; what matches no pattern is replicated).
         device: "h100", "a100", "h200", "cpu" or a ``DeviceSpec``; None is this machine.
         memory_limit: bytes per device; None means the device's memory.
         training: plan a training step (backward, gradients, optimizer state) or inference.
@@ -77,6 +78,9 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     spec = get_device_spec(device)
     gm = capture(model_or_gm, args, kwargs)
     est = _estimate_once(gm, args, kwargs, spec, training, optimizer if training else None)
+    if strategy == "tensor":
+        return _tensor_partition(model_or_gm, gm, n_devices, spec=spec, training=training,
+                                 optimizer=optimizer if training else None, memory_limit=memory_limit, model=est.model)
     costs = PipelineCosts.of(gm, training=training, link_Bps=spec.link_bandwidth_Bps, balance=balance)
     n_nodes = len(costs.order)
     n_cuttable = int(costs.cuttable[1:n_nodes].sum())
@@ -103,6 +107,25 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     plan = _for_model(plan, model_or_gm, gm, args, kwargs, microbatched=(n_microbatches or 1) > 1)
     log.debug("pipeline plan:\n%s", plan.report())
     return plan
+
+
+def _tensor_partition(model_or_gm, gm, n_devices: int, *, spec, training: bool, optimizer, memory_limit,
+                      model: str) -> Plan:
+    """``strategy="tensor"``: n shards of every layer (Megatron column/row-parallel pairs, attention by heads)."""
+    from .tensor import tensor_plan
+    name = model
+    plan = tensor_plan(gm, n_devices, spec=spec, training=training, optimizer=optimizer, model=name,
+                       fingerprint=fingerprint(gm))
+    limit = memory_limit if memory_limit is not None else (spec.memory_bytes or None)
+    need = max(s.cost.memory_bytes for s in plan.stages)
+    if limit is not None and need > limit:
+        raise ValueError(f"the tensor plan of {name} on {n_devices} shards needs {format_bytes(need)} per device "
+                         f"({', '.join(format_bytes(s.cost.memory_bytes) for s in plan.stages)}), over "
+                         f"memory_limit={format_bytes(limit)}; try more devices, a smaller batch or "
+                         f"strategy='pipeline'")
+    # shards hold every tensor under its own state_dict name (split ones are slices of it)
+    keys = state_keys(model_or_gm, [s.module for s in plan.stages]) if model_or_gm is not gm else {}
+    return dataclasses.replace(plan, state_keys=keys)
 
 
 def _for_model(plan: Plan, model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *,

@@ -88,6 +88,7 @@ class Plan:
     runs_microbatches: bool = False              # stage modules take batch / n_microbatches
     microbatch_shapes: tuple = ()                # flat input shapes the stage modules take (None: not a tensor)
     state_keys: dict = field(default_factory=dict)   # model state_dict key -> stage attribute name
+    sharding: Any = None                         # tensor plans: partitioner.tensor.TensorSharding
 
     def __post_init__(self):
         if not self.stages:
@@ -106,6 +107,8 @@ class Plan:
         return values
 
     def _run_flat(self, flat: list):
+        if self.sharding is not None:            # tensor plan: all shards in lockstep, collectives simulated
+            return tuple(self.sharding.simulate([s.module for s in self.stages], flat))
         values: Any = tuple(flat)
         for stage in self.stages:
             values = stage.module(*values)
@@ -124,6 +127,9 @@ class Plan:
 
     def report(self) -> str:
         """A table with one row per stage, and the balance against the lower bound."""
+        if self.sharding is not None:
+            from .tensor import tensor_report
+            return tensor_report(self)
         rows = []
         for s in self.stages:
             c = s.cost

@@ -8,3 +8,5 @@ COST = "fxpart.cost"            # NodeCost of the node (flops, bytes, time)
 CAPTURE = "fxpart.capture"      # on gm.meta: how the graph was captured
 ESTIMATE = "fxpart.estimate"    # on gm.meta: the last Estimate computed for the graph
 PHASE = "fxpart.phase"          # on gm.meta: "dynamo", "forward", "backward" or "inference" (compile backend)
+SHARD = "fxpart.shard"          # on tensor-parallel shard nodes: the Shard layout of a sharded value
+COLLECTIVE = "fxpart.collective"  # on tensor-parallel shard nodes: {"kind", "bytes", "block"} of a collective
