@@ -180,3 +180,27 @@ def test_inductor_backend_on_graph_break_model():
         torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
     assert [(r.index, r.phase) for r in backend.graphs] == [(0, "dynamo"), (0, "inference"), (1, "dynamo"),
                                                               (1, "inference")]
+
+
+def _hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    return GPT2LMHeadModel(cfg).eval(), torch.randint(0, 256, (2, 16))
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_hugging_face_gpt2_compiles_to_eager_outputs_and_gradients(compiler):
+    model, ids = _hf_gpt2()
+    reference, _ = _hf_gpt2()
+    backend = compile_backend(compiler=compiler)
+    out = torch.compile(model, backend=backend)(ids).logits
+    want = reference(ids).logits
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert {"forward", "backward"} <= {r.phase for r in backend.graphs}
+    assert all(not r.error for r in backend.graphs)
