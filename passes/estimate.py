@@ -5,6 +5,7 @@ node of the captured graph and ``gm.meta[ESTIMATE]`` (the ``Estimate``).
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -17,8 +18,10 @@ from ._keys import COST, ESTIMATE
 from ._util import format_bytes, format_count, format_seconds, node_value, table, tensors_of
 from .capture import capture, normalize_inputs
 from .devices import DeviceSpec, get_device_spec
-from .simulate import OPTIMIZERS, simulate
+from .simulate import OPTIMIZERS, simulate, simulate_module
 from .timing import roofline_s
+
+log = logging.getLogger(__name__)
 
 __all__ = ["estimate", "Estimate", "NodeCost", "annotate_costs"]
 
@@ -62,6 +65,9 @@ class Estimate:
     activation_bytes: int = 0          # saved for backward (training) at the end of the forward
     uncounted_ops: dict = field(default_factory=dict)
     model: str = ""
+    graph_peak_bytes: int = 0          # the captured graph's peak (values freed at their last use)
+    peak_source: str = "graph"         # "eager": peak_bytes is the module's eager forward (Python locals
+                                       # live until rebound); "graph": the captured graph's
 
     def by_module(self, depth: int | None = None) -> list[tuple[str, dict]]:
         """Totals per module path (cut to ``depth`` components), in graph order."""
@@ -82,6 +88,9 @@ class Estimate:
                 f"  peak memory {format_bytes(self.peak_bytes)} during {self.peak_phase} at {self.peak_node}: "
                 + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.peak_breakdown.items(),
                                                                         key=lambda kv: -kv[1]))]
+        if self.peak_source == "eager" and self.graph_peak_bytes != self.peak_bytes:
+            head.append(f"  (the module's eager forward; the captured graph, which frees values at their last "
+                        f"use, peaks at {format_bytes(self.graph_peak_bytes)})")
         if per_node:
             rows = [(r.name, r.op, r.shape, format_count(r.flops), format_count(r.backward_flops),
                      format_bytes(r.output_bytes), format_bytes(r.saved_bytes), format_seconds(r.time_s))
@@ -148,15 +157,30 @@ def estimate(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: d
     trace = simulate(gm, args, kwargs, training=training, optimizer=optimizer, loss_fn=loss_fn,
                      foreach=spec.foreach_optimizer)
     rows = annotate_costs(gm, trace, spec, training=training, node_times=node_times)
+    peak = trace
+    if gm is not model_or_gm:   # a module: its eager forward keeps Python locals alive past their last use
+        peak = _eager_trace(model_or_gm, args, kwargs, training=training, optimizer=optimizer, loss_fn=loss_fn,
+                            foreach=spec.foreach_optimizer) or trace
     est = Estimate(
         flops=trace.total_flops, backward_flops=trace.total_backward_flops,
         param_bytes=_param_bytes(gm), time_s=sum(r.time_s for r in rows) + _extra_time(trace, spec, rows),
-        peak_bytes=trace.peak_bytes, training=training, optimizer=optimizer, device=spec, nodes=rows,
-        peak_breakdown=dict(trace.peak_breakdown), peak_phase=trace.peak_phase, peak_node=trace.peak_node,
+        peak_bytes=peak.peak_bytes, training=training, optimizer=optimizer, device=spec, nodes=rows,
+        peak_breakdown=dict(peak.peak_breakdown), peak_phase=peak.peak_phase, peak_node=peak.peak_node,
         activation_bytes=sum(r.saved_bytes for r in rows), uncounted_ops=dict(trace.uncounted_ops),
-        model=gm.meta.get("fxpart.capture", {}).get("model", type(model_or_gm).__name__))
+        model=gm.meta.get("fxpart.capture", {}).get("model", type(model_or_gm).__name__),
+        graph_peak_bytes=trace.peak_bytes, peak_source="eager" if peak is not trace else "graph")
     gm.meta[ESTIMATE] = est
     return est
+
+
+def _eager_trace(model: nn.Module, args: tuple, kwargs: dict, **step):
+    """The step through the module's own forward on fakes, or None when that forward cannot run on
+    fakes (data-dependent Python such as ``Tensor.item()``, common on the meta device)."""
+    try:
+        return simulate_module(model, args, kwargs, **step)
+    except Exception:  # noqa: BLE001 - the captured graph's peak stands in, and says so (peak_source)
+        log.debug("eager simulation of %s failed; using the graph's peak", type(model).__name__, exc_info=True)
+        return None
 
 
 def annotate_costs(gm: torch.fx.GraphModule, trace, spec: DeviceSpec, *, training: bool,

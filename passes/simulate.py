@@ -35,11 +35,12 @@ from .capture import _inputs_on_model_device
 from ._util import fetch_attr, flatten_inputs
 from .flops import count_flops, has_flop_rule
 
-__all__ = ["simulate", "StepTrace", "NodeTrace", "OPTIMIZERS"]
+__all__ = ["simulate", "simulate_module", "StepTrace", "NodeTrace", "OPTIMIZERS"]
 
 LOSS = "(loss)"
 OPTIMIZER = "(optimizer)"
 OTHER = "(autograd)"
+MODULE = "(module)"
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -295,30 +296,75 @@ def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: b
     resident = tracker.track_resident(params, buffers, flat_inputs, opt)
     # a training step needs autograd even when the caller is inside torch.no_grad()
     with fake_mode, tracker, torch.set_grad_enabled(training):
-        _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn)
+        _run_step(_graph_forward(gm, attrs, tracker, flat_inputs), params, tracker, training, opt, loss_fn)
+    return _trace(tracker, resident)
+
+
+def simulate_module(model: torch.nn.Module, args: tuple, kwargs: dict, *, training: bool,
+                    optimizer: str | None = None, loss_fn: Callable | None = None,
+                    foreach: bool = False) -> StepTrace:
+    """The same step as ``simulate``, run through the module's own ``forward`` (eager Python) on fakes.
+
+    Eager Python keeps a tensor bound to a local variable alive until the name is rebound or the
+    function returns, where a captured graph frees every value after its last use; this run's
+    peak is the eager one. Allocations are charged to "(module)", not to graph nodes. Raises
+    whatever the forward raises on fake tensors (e.g. ``Tensor.item()`` in the model's code).
+    """
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS} or None")
+    args, kwargs = _inputs_on_model_device(model, args, kwargs)
+    tracker = _Tracker({})
+    tracker.owner = MODULE
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        state, params, buffers = {}, [], []
+        fakes: dict[int, torch.Tensor] = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+                list(model.named_buffers(remove_duplicate=False)):
+            if id(t) not in fakes:
+                fake = fake_mode.from_tensor(t)
+                if isinstance(t, torch.nn.Parameter):
+                    fake.requires_grad_(training and t.requires_grad)
+                    params.append(fake)
+                else:
+                    buffers.append(fake)
+                fakes[id(t)] = fake
+            state[name] = fakes[id(t)]
+        args, kwargs = tree_map(lambda v: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
+                                (tuple(args), dict(kwargs)))
+        opt = _warm_optimizer(optimizer, params, foreach) if training else None
+    resident = tracker.track_resident(params, buffers, tree_flatten((args, kwargs))[0], opt)
+
+    def forward():
+        return torch.func.functional_call(model, state, args, kwargs)
+
+    with fake_mode, tracker, torch.set_grad_enabled(training):
+        _run_step(forward, params, tracker, training, opt, loss_fn)
+    return _trace(tracker, resident)
+
+
+def _trace(tracker: _Tracker, resident: dict) -> StepTrace:
     return StepTrace(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0], peak_node=tracker.peak_at[1],
-        peak_breakdown=tracker.peak_breakdown, resident=resident, nodes=nodes,
+        peak_breakdown=tracker.peak_breakdown, resident=resident, nodes=tracker.nodes,
         uncounted_ops=tracker.uncounted, total_flops=tracker.total_flops,
         total_backward_flops=tracker.total_backward_flops)
 
 
-def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -> None:
-    runner = _FakeRunner(gm, attrs, tracker)
+def _run_step(forward: Callable[[], Any], params, tracker, training, opt, loss_fn) -> None:
+    """Forward (``forward()`` returns the model's outputs), then loss, backward and optimizer step."""
     tracker.phase = "forward"
     if not training:
         with torch.no_grad():
-            runner.run(*flat_inputs)
+            forward()
         return
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.recategorize(p.grad, "grad"))
              for p in params if p.requires_grad]
     with tracker.saving():
-        # the interpreter rebuilds the model's output structure (the graph's out_spec)
-        outputs = runner.run(*flat_inputs)
+        outputs = forward()
     tracker.owner = LOSS
     loss = step_loss(outputs, loss_fn)
     del outputs
-    runner = None  # noqa: F841 - drop the interpreter's references
     tracker.phase = "backward"
     loss.backward()
     del loss
@@ -327,6 +373,16 @@ def _run_step(gm, attrs, params, flat_inputs, tracker, training, opt, loss_fn) -
     if opt is not None:
         tracker.phase, tracker.owner = "optimizer", OPTIMIZER
         opt.step()
+
+
+def _graph_forward(gm, attrs, tracker, flat_inputs) -> Callable[[], Any]:
+    def forward():
+        runner = _FakeRunner(gm, attrs, tracker)
+        # the interpreter rebuilds the model's output structure (the graph's out_spec)
+        outputs = runner.run(*flat_inputs)
+        runner.env.clear()   # drop the interpreter's references
+        return outputs
+    return forward
 
 
 def step_loss(outputs: Any, loss_fn: Callable | None) -> torch.Tensor:

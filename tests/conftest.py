@@ -170,3 +170,17 @@ def estimates(captured):
                                              optimizer="adamw" if training else None)
         return cache[name, training]
     return get
+
+
+@pytest.fixture(scope="session")
+def module_estimates():
+    """``module_estimates(name, training=...) -> Estimate`` of the model itself (its peak: the eager forward's)."""
+    cache: dict = {}
+
+    def get(name: str, *, training: bool):
+        if (name, training) not in cache:
+            case = make_case(name)
+            cache[name, training] = estimate(case.model, case.args, case.kwargs, training=training,
+                                             optimizer="adamw" if training else None)
+        return cache[name, training]
+    return get

@@ -59,38 +59,24 @@ def test_sdpa_backward_flops_follow_flop_counter_mode_fused_attention_formula(es
     assert estimates("gpt2_sdpa", training=True).backward_flops == eager_backward - 2 * attention + attention * 5 // 2
 
 
-def test_training_peak_matches_memtracker_within_5_percent(case_name, estimates):
+def test_training_peak_matches_memtracker_within_5_percent(case_name, module_estimates):
     measured = memtracker_training_peak(make_case(case_name))
-    est = estimates(case_name, training=True)
+    est = module_estimates(case_name, training=True)
     assert _within(est.peak_bytes, measured, 0.05), \
         f"{case_name}: fxpart {est.peak_bytes} B, MemTracker {measured} B, ratio {est.peak_bytes / measured:.4f}"
 
 
-# Eager Python keeps every tensor bound to a local variable alive until the name is
-# rebound or the function returns; the captured graph frees each value after its last
-# use. These models hold large dead values in locals during their inference peak
-# (GPT-2: the embeddings in GPT2Model.forward, the attention probabilities the attention
-# returns, the block's LayerNorm output; small_cnn: ``y`` in the residual block), which
-# MemTracker sees and a graph-level estimate does not. Training peaks are unaffected:
-# those values are saved for the backward anyway.
-_PYTHON_LOCALS = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="eager Python locals outlive their last use, the graph frees values at last use: fxpart / "
-           "MemTracker ~0.90 (gpt2_eager), ~0.93 (gpt2_sdpa), ~0.87 (small_cnn); see benchmarks/results/memory.md")
-_HOLDS_DEAD_LOCALS = {"gpt2_eager", "gpt2_sdpa", "small_cnn"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_PYTHON_LOCALS) if n in _HOLDS_DEAD_LOCALS else n
-                                  for n in MODELS])
-def test_inference_peak_matches_memtracker_within_5_percent(name, estimates):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inference_peak_matches_memtracker_within_5_percent(name, module_estimates):
     measured = memtracker_inference_peak(make_case(name))
-    est = estimates(name, training=False)
+    est = module_estimates(name, training=False)
     assert _within(est.peak_bytes, measured, 0.05), \
         f"{name}: fxpart {est.peak_bytes} B, MemTracker {measured} B, ratio {est.peak_bytes / measured:.4f}"
 
 
 def test_inference_peak_matches_memtracker_on_the_captured_graph_within_1_percent(case_name, captured, estimates):
-    # the same measurement on the program fxpart simulates: what the xfails above miss is eager Python's
+    # the captured graph frees every value at its last use; eager Python keeps locals alive until rebound,
+    # so a module's estimate (above) takes its peak from the eager forward and the graph's from the graph
     case, gm = captured(case_name)
     measured = memtracker_inference_peak(Case(case_name, gm, case.args, case.kwargs))
     est = estimates(case_name, training=False)
