@@ -252,17 +252,28 @@ def _meta_attention(args, kwargs) -> bool:
     """On the meta device sdpa falls back to its math decomposition, which saves the
     seq x seq scores for backward; every real device (CUDA flash/efficient, CPU flash)
     runs a fused kernel that saves only the output and a per-row logsumexp."""
-    return isinstance(args[0], torch.Tensor) and args[0].is_meta and not kwargs.get("enable_gqa", False)
+    return isinstance(args[0], torch.Tensor) and args[0].is_meta
 
 
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                      enable_gqa=False):
+    # grouped KV heads (enable_gqa) go in as they are: the fused kernels broadcast them, copying nothing
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         # as sdpa itself does before picking a kernel: an additive float mask, which backward saves
         neg_inf = torch.scalar_tensor(float("-inf"), dtype=query.dtype, device=query.device)
         attn_mask = torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=query.dtype, device=query.device), neg_inf)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+class _FusedAttentionOnMeta(torch.overrides.TorchFunctionMode):
+    """Eager forwards: the same fused-attention substitution the graph interpreter makes on meta tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and _meta_attention(args, kwargs):
+            return _fused_attention(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def simulate(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, *, training: bool,
@@ -336,7 +347,8 @@ def simulate_module(model: torch.nn.Module, args: tuple, kwargs: dict, *, traini
     resident = tracker.track_resident(params, buffers, tree_flatten((args, kwargs))[0], opt)
 
     def forward():
-        return torch.func.functional_call(model, state, args, kwargs)
+        with _FusedAttentionOnMeta():
+            return torch.func.functional_call(model, state, args, kwargs)
 
     with fake_mode, tracker, torch.set_grad_enabled(training):
         _run_step(forward, params, tracker, training, opt, loss_fn)
