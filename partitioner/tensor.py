@@ -13,17 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
-from passes._keys import COLLECTIVE, COST, SHARD
+from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
 from passes._util import fetch_attr, format_bytes, format_count, format_seconds, node_value, table, tensor_bytes
 from .plan import Plan, Stage, StageCost
 from .sharding_rules import Shard, Sharding, analyze
 
-__all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "WAIT"]
+__all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "WAIT", "LOCAL_SLICE"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -45,6 +45,7 @@ class TensorSharding:
     sharded_param_bytes: int                # full bytes of the parameters that are split
     max_shard_sharded_bytes: int            # the largest shard's bytes of those
     group_name: str = "0"                   # process group the all-reduce nodes name (the default group)
+    param_shards: dict = field(default_factory=dict)   # shard attribute name -> Shard: parameters split at build
 
     @property
     def sharded_fraction(self) -> float:
@@ -116,7 +117,9 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
     local_of: dict = {}
 
     def call(op, args):
-        return graph.call_function(op, tuple(args))
+        new = graph.call_function(op, tuple(args))
+        new.meta[LOCAL_SLICE] = True
+        return new
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -293,7 +296,7 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
         n=n, column=tuple(s.name for s in gm.graph.nodes if s in sh.column),
         row=tuple(s.name for s in gm.graph.nodes if s in sh.reduce), replicated=dict(sh.replicated),
         collectives=collectives, backward_collectives=backward, sharded_param_bytes=sum(full.values()),
-        max_shard_sharded_bytes=biggest)
+        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()})
     stages = []
     compute = [node for node in gm.graph.nodes if node.op not in ("placeholder", "get_attr", "output")]
     for r, module in enumerate(modules):

@@ -10,3 +10,4 @@ ESTIMATE = "fxpart.estimate"    # on gm.meta: the last Estimate computed for the
 PHASE = "fxpart.phase"          # on gm.meta: "dynamo", "forward", "backward" or "inference" (compile backend)
 SHARD = "fxpart.shard"          # on tensor-parallel shard nodes: the Shard layout of a sharded value
 COLLECTIVE = "fxpart.collective"  # on tensor-parallel shard nodes: {"kind", "bytes", "block"} of a collective
+LOCAL_SLICE = "fxpart.local_slice"  # a shard node that slices a replicated value to its Shard (tensor plans)

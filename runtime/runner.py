@@ -47,6 +47,9 @@ class StageError(RuntimeError):
 class Runner:
     """Run a pipeline plan on ``len(plan.stages)`` ranks: rank r holds stage r only.
 
+    A tensor plan (``plan.strategy == "tensor"``) gets a ``runtime.tensor_runner.TensorRunner``:
+    rank r holds shard r, every rank takes the full inputs.
+
     Args:
         plan: a pipeline ``Plan`` from ``partitioner.partition``.
         schedule: ``"1f1b"`` or ``"gpipe"``.
@@ -64,6 +67,14 @@ class Runner:
         ...                 optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1))
         >>> loss = runner.step((x,), y)
     """
+
+    _unit = "stage"          # what rank r holds of the plan
+
+    def __new__(cls, plan=None, *args, **kwargs):
+        if cls is Runner and getattr(plan, "strategy", None) == "tensor":   # one shard per rank
+            from .tensor_runner import TensorRunner
+            cls = TensorRunner
+        return super().__new__(cls)
 
     def __init__(self, plan, *, schedule: str = "1f1b", n_microbatches: int | None = None,
                  loss_fn: Callable | None = None, optimizer_fn: Callable | None = None, timeout_s: float = 300.0,
@@ -108,8 +119,8 @@ class Runner:
         else:
             world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != self.n_stages:
-            raise ValueError(f"the plan has {self.n_stages} stages but the world size is {world}; launch with "
-                             f"torchrun --nproc-per-node {self.n_stages} (one rank per stage)")
+            raise ValueError(f"the plan has {self.n_stages} {self._unit}s but the world size is {world}; launch "
+                             f"with torchrun --nproc-per-node {self.n_stages} (one rank per {self._unit})")
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
@@ -118,8 +129,7 @@ class Runner:
 
     def _check_same_plan(self, plan, schedule: str, n_microbatches: int) -> None:
         """Every rank must run the same plan: compare a digest of it before any pipeline traffic."""
-        summary = repr((getattr(plan, "fingerprint", ""), tuple(plan.cuts), self.n_stages, schedule, n_microbatches,
-                        tuple(getattr(plan, "microbatch_shapes", ()))))
+        summary = self._plan_summary(plan, schedule, n_microbatches)
         digest = int.from_bytes(hashlib.sha256(summary.encode()).digest()[:8], "little", signed=True)
         mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.n_stages)]
@@ -130,6 +140,10 @@ class Runner:
             raise ValueError(f"rank {self.rank}: the ranks do not run the same plan (ranks {differ} differ from rank 0 "
                              f"in the model graph, cuts, schedule or n_microbatches); build the plan identically on "
                              f"every rank, or save it once and load_plan it everywhere")
+
+    def _plan_summary(self, plan, schedule: str, n_microbatches: int) -> str:
+        return repr((getattr(plan, "fingerprint", ""), tuple(plan.cuts), self.n_stages, schedule, n_microbatches,
+                     tuple(getattr(plan, "microbatch_shapes", ()))))
 
     def _pick_device(self) -> torch.device:
         if dist.get_backend() == "nccl":
@@ -259,7 +273,7 @@ class Runner:
         path = os.path.join(directory, f"shard-{self.rank}.pt")
         optim = self.optimizer.state_dict() if self.optimizer is not None else None
         torch.save({"rank": self.rank, "n_stages": self.n_stages, "model": self.shard_state_dict(),
-                    "optimizer": optim, "state_keys": self._state_keys}, path)
+                    "optimizer": optim, "state_keys": self._state_keys, "split": self._split_keys()}, path)
         return path
 
     def load_shard(self, directory: str) -> None:
@@ -278,6 +292,10 @@ class Runner:
             if self.optimizer is None:
                 self.optimizer = self.optimizer_fn([p for p in self.module.parameters() if p.requires_grad])
             self.optimizer.load_state_dict(saved["optimizer"])
+
+    def _split_keys(self) -> dict:
+        """Model key -> ``Shard`` of the tensors split across ranks (tensor plans); none in a pipeline."""
+        return {}
 
     def full_state_dict(self) -> dict | None:
         """The whole model's state dict on rank 0, keys and order as ``model.state_dict()``; None elsewhere.
@@ -463,7 +481,12 @@ def merge_shards(directory: str) -> dict:
     if not shards or len(shards) != shards[0]["n_stages"]:
         raise ValueError(f"{directory} holds {len(shards)} shards; the checkpoint needs "
                          f"{shards[0]['n_stages'] if shards else 'at least 1'}")
-    return merge_state_dicts([s["model"] for s in shards], list(shards[0]["state_keys"]) or None)
+    merged = merge_state_dicts([s["model"] for s in shards], list(shards[0]["state_keys"]) or None)
+    split = shards[0].get("split") or {}
+    if split:                       # tensor plan: join every rank's slice of the split parameters
+        from .tensor_runner import join_shards
+        merged.update({key: join_shards([s["model"][key] for s in shards], shard) for key, shard in split.items()})
+    return merged
 
 
 class _LiveActivations:

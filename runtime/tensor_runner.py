@@ -1,0 +1,294 @@
+"""``TensorRunner``: run a tensor (Megatron) ``Plan`` across processes, one shard per rank.
+
+Reads a tensor plan (``plan.sharding``: the split parameters' layouts, the all-reduce group) and
+runs shard ``rank`` on every rank with the full inputs. The shard graph's functional
+``all_reduce`` + ``wait_tensor`` pairs have no autograd formula (their backward is an
+undocumented, deprecated pass-through), and nothing all-reduces the input gradient of a
+column-parallel region, so the runner rewrites a copy of the shard graph with Megatron's
+operators as autograd functions:
+
+* ``g`` after each row-parallel matmul: all-reduce (sum) forward, identity backward;
+* ``f`` on every replicated value that enters a sharded region (the input of a
+  column-parallel group, a replicated tensor sliced or broadcast into sharded ops):
+  identity forward, all-reduce (sum) backward.
+
+Every rank then computes the same outputs and loss, each split parameter gets its own
+slice of the gradient and each replicated parameter the full gradient (identical on every
+rank), so each rank's optimizer step equals the unpartitioned model's.
+
+``Runner(plan)`` dispatches here when ``plan.strategy == "tensor"``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx
+
+from partitioner.plan import concat_microbatches, split_microbatches
+from partitioner.tensor import ALL_REDUCE, LOCAL_SLICE, WAIT
+from passes._keys import SHARD
+
+from .runner import Runner, _placeholder_shapes, _shapes, _split
+
+__all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "megatron_graph", "join_shards"]
+
+log = logging.getLogger(__name__)
+
+
+# -- Megatron's f and g ----------------------------------------------------------------------------
+
+def _group(group_name: str):
+    world = dist.group.WORLD
+    if group_name == world.group_name:
+        return world
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name)
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """g: sum the shards' partial results; the gradient is already the same on every rank."""
+
+    @staticmethod
+    def forward(ctx, x, group_name):
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_group(group_name))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """f: a replicated value enters a sharded region; each rank's gradient is a partial sum."""
+
+    @staticmethod
+    def forward(ctx, x, group_name):
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=_group(ctx.group_name))
+        return grad, None
+
+
+def reduce_from_region(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """All-reduce (sum) forward, identity backward (Megatron's g)."""
+    return _ReduceFromRegion.apply(x, group_name)
+
+
+def copy_to_region(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Identity forward, all-reduce (sum) backward (Megatron's f)."""
+    return _CopyToRegion.apply(x, group_name)
+
+
+def _region(graph: torch.fx.Graph) -> set:
+    """Shard nodes that hold sharded or partial values: SHARD layouts, local slices, row-parallel outputs."""
+    region = {node for node in graph.nodes if SHARD in node.meta or node.meta.get(LOCAL_SLICE)}
+    region |= {node.args[0] for node in graph.nodes if node.target is ALL_REDUCE}
+    return region
+
+
+def _is_float(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shards: dict) -> torch.fx.GraphModule:
+    """A copy of shard ``module`` (same parameters) whose collectives are Megatron's f and g on ``group_name``.
+
+    Args:
+        module: a shard of a tensor plan (``plan.stages[r].module``).
+        group_name: the process group to reduce over (``dist.group.WORLD.group_name`` for the default).
+        param_shards: attribute name -> ``Shard`` of the parameters split when the shard was built
+            (``plan.sharding.param_shards``); their gradients are local and never reduced.
+
+    Returns:
+        A new ``GraphModule`` sharing ``module``'s parameters and buffers.
+    """
+    gm = torch.fx.GraphModule(module, copy.deepcopy(module.graph), class_name=type(module).__name__)
+    graph = gm.graph
+    region = _region(graph)
+    entered: dict = {}
+    for node in list(graph.nodes):
+        if node not in region:
+            continue
+        for arg in list(node.all_input_nodes):
+            if arg in region or not _is_float(arg) or (arg.op == "get_attr" and arg.target in param_shards):
+                continue
+            if arg not in entered:
+                with graph.inserting_after(arg):
+                    entered[arg] = graph.call_function(copy_to_region, (arg, group_name))
+                entered[arg].meta = {"val": arg.meta["val"]}
+            node.replace_input_with(arg, entered[arg])
+    for node in list(graph.nodes):
+        if node.target is WAIT and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is ALL_REDUCE:
+            reduce = node.args[0]
+            with graph.inserting_before(node):
+                g = graph.call_function(reduce_from_region, (reduce.args[0], group_name))
+            g.meta = dict(node.meta)
+            node.replace_all_uses_with(g)
+            graph.erase_node(node)
+            if not reduce.users:
+                graph.erase_node(reduce)
+    leftover = [n.format_node() for n in graph.nodes if n.target in (ALL_REDUCE, WAIT)]
+    if leftover:
+        raise ValueError(f"megatron_graph: collectives it cannot pair (all_reduce then wait_tensor): {leftover[:4]}")
+    graph.lint()
+    gm.recompile()
+    log.debug("shard graph with f/g: %d f, %d g", len(entered),
+              sum(n.target is reduce_from_region for n in graph.nodes))
+    return gm
+
+
+def join_shards(parts: list[torch.Tensor], shard) -> torch.Tensor:
+    """The full tensor from every rank's slice under ``shard`` (dim ``shard.dim`` as ``(blocks, n, rest)``)."""
+    d, blocks = shard.dim, shard.blocks
+    if blocks == 1:
+        return torch.cat(parts, dim=d)
+    split = [p.reshape(*p.shape[:d], blocks, p.shape[d] // blocks, *p.shape[d + 1:]) for p in parts]
+    joined = torch.cat(split, dim=d + 1)
+    return joined.reshape(*parts[0].shape[:d], -1, *parts[0].shape[d + 1:])
+
+
+# -- the runner ----------------------------------------------------------------------------
+
+class TensorRunner(Runner):
+    """Run a tensor plan on ``len(plan.stages)`` ranks: rank r holds shard r and gets the full inputs.
+
+    Built by ``Runner(plan, ...)`` for ``plan.strategy == "tensor"``; the arguments are ``Runner``'s
+    (``schedule`` is ignored). ``n_microbatches > 1`` splits each batch and accumulates the
+    gradients (loss: the mean over micro-batches); the shard graphs have static shapes, so the
+    plan must have been made on one micro-batch.
+
+    Raises:
+        ValueError: the world size differs from the number of shards, or the ranks' plans differ.
+    """
+    _unit = "shard"
+
+    def __init__(self, plan, *, schedule: str = "1f1b", n_microbatches: int | None = None,
+                 loss_fn: Callable | None = None, optimizer_fn: Callable | None = None, timeout_s: float = 300.0,
+                 track_memory: bool = False):
+        n_microbatches = 1 if n_microbatches is None else n_microbatches
+        if not isinstance(n_microbatches, int) or n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
+        if plan.sharding is None:
+            raise ValueError("a tensor plan needs plan.sharding (partition(..., strategy='tensor') sets it)")
+        self.n_stages = len(plan.stages)
+        self._init_process_group(timeout_s)
+        self.rank = dist.get_rank()
+        self.stage_index = self.rank
+        self.device = self._pick_device()
+        self._check_same_plan(plan, "tensor", n_microbatches)
+        self.group_name = _resolved_group_name(plan.sharding.group_name)
+        self._param_shards = dict(plan.sharding.param_shards)
+        shard = plan.stages[self.rank].module.to(self.device)   # only our shard is kept
+        self.module = megatron_graph(shard, group_name=self.group_name, param_shards=self._param_shards)
+        self._example_shapes = _placeholder_shapes(shard)
+        self._state_keys = dict(plan.state_keys or {})
+        self.estimated_memory_bytes = int(plan.stages[self.rank].cost.memory_bytes)
+        self.in_spec, self.out_spec = plan.in_spec, plan.out_spec
+        self.n_microbatches = n_microbatches
+        self.schedule_name = "tensor"
+        self.actions = []
+        self.loss_fn, self.optimizer_fn = loss_fn, optimizer_fn
+        self.optimizer = None
+        self._tied = []
+        self._pending = []
+        self.track_memory = track_memory
+        self.measured_peak_bytes = None
+        self.activation_log = []
+
+    def _plan_summary(self, plan, schedule: str, n_microbatches: int) -> str:
+        shapes = [(name, tuple(p.shape)) for name, p in plan.stages[0].module.named_parameters()]
+        return repr(("tensor", getattr(plan, "fingerprint", ""), self.n_stages, n_microbatches, shapes,
+                     sorted((k, (s.dim, s.blocks)) for k, s in plan.sharding.param_shards.items())))
+
+    # -- public ----------------------------------------------------------------------------
+    def forward(self, *inputs, **kwargs):
+        """The model's outputs on every rank (no gradients); every rank passes the same full inputs."""
+        flats = self._microbatches(self._flatten(inputs, kwargs), "forward")
+        with torch.no_grad():
+            parts = [self._run(flat) for flat in flats]
+        values = concat_microbatches(parts) if len(parts) > 1 else parts[0]
+        return self._unflatten(values)
+
+    __call__ = forward
+
+    def step(self, inputs, target) -> float:
+        """One training step (forward, ``loss_fn``, backward, optimizer step) on every rank; returns the loss."""
+        if self.optimizer_fn is None or self.loss_fn is None:
+            raise ValueError("Runner.step needs loss_fn(outputs, target) -> scalar and optimizer_fn(params) -> "
+                             "optimizer, e.g. optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=1e-3)")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.optimizer is None and params:
+            self.optimizer = self.optimizer_fn(params)
+        args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else \
+            ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {}) if isinstance(inputs, list) else \
+            ((inputs,), {})
+        m = self.n_microbatches
+        flats = self._microbatches(self._flatten(args, kwargs), "step")
+        targets = _split(target, m, "target") if m > 1 else [target]
+        self.module.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        with self._memory_tracker() as tracker:
+            for flat, target_mb in zip(flats, targets):
+                loss = self.loss_fn(self._unflatten(self._run(flat)), target_mb)
+                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                (loss / m).backward()
+                loss_sum += loss.detach().to(torch.float64).cpu()
+            if self.optimizer is not None:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.measured_peak_bytes = tracker.peak_bytes()
+        return float(loss_sum / m)
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0 (split parameters joined), keys as ``model.state_dict()``."""
+        parts = [None] * self.n_stages if self.rank == 0 else None
+        dist.gather_object(self.shard_state_dict(), parts, dst=0)
+        if self.rank != 0:
+            return None
+        split = self._split_keys()
+        out = {}
+        for key in self._state_keys or parts[0]:
+            if key not in parts[0]:
+                raise KeyError(f"no shard holds {key!r}: parameters no graph node reads are not placed on any shard")
+            out[key] = join_shards([p[key] for p in parts], split[key]) if key in split else parts[0][key]
+        return out
+
+    def _split_keys(self) -> dict:
+        names = self._state_keys or {name: name for name in self.module.state_dict()}
+        return {key: self._param_shards[name] for key, name in names.items() if name in self._param_shards}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _run(self, flat: list) -> list:
+        values = self.module(*[v.to(self.device) if isinstance(v, torch.Tensor) else v for v in flat])
+        return list(values) if isinstance(values, (tuple, list)) else [values]
+
+    def _microbatches(self, flat: list, where: str) -> list[list]:
+        if _shapes(flat) == self._example_shapes:
+            return [flat]
+        flats = split_microbatches(flat, self.n_microbatches) if self.n_microbatches > 1 else [flat]
+        if _shapes(flats[0]) != self._example_shapes:
+            raise ValueError(f"Runner.{where}: the inputs have shapes {_shapes(flat)}"
+                             f"{f' ({self.n_microbatches} micro-batches of {_shapes(flats[0])})' if len(flats) > 1 else ''}"
+                             f", but the tensor plan's shards were captured for {self._example_shapes}; partition "
+                             f"with an example batch of that shape (with n_microbatches=m: of batch / m)")
+        return flats
+
+
+def _resolved_group_name(planned: str) -> str:
+    """The group the shard graphs' all-reduces name, or the default group when that name is not registered."""
+    world = dist.group.WORLD.group_name
+    if planned != world:
+        log.debug("tensor plan names group %r; the default group is %r: reducing over the default group",
+                  planned, world)
+    return world
