@@ -10,6 +10,7 @@ Launch with ``torchrun --nproc-per-node <n_stages> script.py``.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import logging
@@ -126,6 +127,8 @@ class Runner:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # we made it, we tear it down: a process that exits with gloo's threads still running aborts
+            atexit.register(_destroy_process_group)
 
     def _check_same_plan(self, plan, schedule: str, n_microbatches: int) -> None:
         """Every rank must run the same plan: compare a digest of it before any pipeline traffic."""
@@ -597,6 +600,11 @@ class _StoragePeak(_NoPeak):
 
     def peak_bytes(self):
         return int(self._peak)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _shapes(flat: list) -> list:

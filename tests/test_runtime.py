@@ -124,6 +124,7 @@ def _worker(case: str, out_path: str) -> None:
     if rank == 0:
         result["reference"] = _reference(name, m)
         torch.save(result, out_path)
+    torch.distributed.barrier()   # no rank leaves while a peer may still be talking to it
 
 
 def _gather_state(plan, sched, rank: int):
