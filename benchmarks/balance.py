@@ -341,7 +341,7 @@ def _markdown(headers, rows, infos, timing, pipe, total_s) -> str:
         md_table(["step", "seconds"], [
             ["capture (`torch.export`)", f"{timing['capture_s']:.2f}"],
             ["estimate (fake training step, costs per node)", f"{timing['estimate_s']:.2f}"],
-            ["`partition(gm, 8)` on the captured graph (re-costs it, solves, builds stages)",
+            ["`partition(gm, 8)` on the costed graph (reuses its estimate, solves, builds stages)",
              f"{timing['partition_s']:.2f}"],
             ["planning alone: node costs to cuts (prefix sums, exact memory-capped solver)",
              f"{timing['solve_s']:.2f}"],
@@ -349,8 +349,8 @@ def _markdown(headers, rows, infos, timing, pipe, total_s) -> str:
         ]),
         "",
         f"{timing['nodes']} compute nodes; `balance=\"time\"` (default), memory capped at the H100's 80 GB; "
-        f"compute / lower bound {timing['ratio']:.3f}. `partition()` re-runs the estimate on the graph it is "
-        "given (about the estimate row), then plans; the two 'planning alone' rows time the same steps again "
+        f"compute / lower bound {timing['ratio']:.3f}. `partition()` reuses the estimate already on the graph "
+        "(same device, training, optimizer), then plans; the two 'planning alone' rows time the same steps again "
         "on their own. The issue's bar: planning under 3 s.",
         "",
         "## `torch.distributed.pipelining.pipeline()` on GPT-2 small, 4 stages (meta)",
