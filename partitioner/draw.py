@@ -10,7 +10,6 @@ The DOT helpers are ``passes.draw``'s, shared with graph drawings.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import pydot
@@ -34,7 +33,9 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
                           f"{getattr(plan.device, 'name', plan.device)}, balance {plan.balance_ratio:.3f} x lower bound",
                     labelloc="t")
     producer: dict[str, str] = {}   # value name -> group box id
-    edges: dict[tuple[str, str], int] = defaultdict(int)
+    edges: set[tuple[str, str]] = set()
+    cut_edges: list[tuple[str, str, str]] = []   # (last box of stage s - 1, first box of stage s, label)
+    last_box = None
     for stage in plan.stages:
         color = _COLORS[stage.index % len(_COLORS)]
         c = stage.cost
@@ -58,21 +59,23 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
                 for arg in node.all_input_nodes:
                     src = producer.get(arg.name)
                     if src is not None and src != boxes[name] and arg.op != "placeholder":
-                        edges[(src, boxes[name])] += 0
-        for node in stage.module.graph.nodes:   # values received from an earlier stage
-            if node.op == "placeholder" and node.name in producer:
-                users = [producer[u.name] for u in node.users if u.name in producer and u.op != "output"]
-                for dst in set(users):
-                    if producer[node.name] != dst:
-                        edges[(producer[node.name], dst)] += value_bytes(node)
+                        edges.add((src, boxes[name]))
+        # what crosses the cut before this stage travels from the previous stage only (values that skip
+        # stages are passed along), so one edge per cut, from its last box to this stage's first
+        received = [n for n in stage.module.graph.nodes if n.op == "placeholder"]
+        if last_box is not None and groups:
+            label = f"{format_bytes(sum(value_bytes(n) for n in received))} ({len(received)} tensors)"
+            cut_edges.append((last_box, next(iter(boxes.values())), label))
+        last_compute = [n for n in stage.module.graph.nodes if n.op in ("call_function", "call_module")]
+        last_box = producer.get(last_compute[-1].name) if last_compute else last_box
         dot.add_subgraph(cluster)
-    for (src, dst), nbytes in edges.items():
-        attrs = {"label": format_bytes(nbytes), "color": "#c0392b", "penwidth": "2",
-                 "fontname": "Helvetica"} if nbytes else {}
-        dot.add_edge(pydot.Edge(src, dst, **attrs))
+    for src, dst in edges:
+        dot.add_edge(pydot.Edge(src, dst))
+    for src, dst, label in cut_edges:
+        dot.add_edge(pydot.Edge(src, dst, label=label, color="#c0392b", penwidth="2", fontname="Helvetica"))
     dot.add_node(pydot.Node("legend", shape="note", fontname="Helvetica",
                             label="box: module group (ops, forward FLOPs)\\ncluster: stage (fwd+bwd FLOPs, "
-                                  "time, memory)\\nred edge: tensors crossing a cut (bytes per batch)"))
+                                  "time, memory)\\nred edge: what crosses a cut (bytes per batch, tensors)"))
     return dot
 
 
