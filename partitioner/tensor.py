@@ -4,9 +4,11 @@ Reads a captured, costed graph (``passes.capture``, ``passes.estimate``) and the
 ``sharding_rules.analyze``; writes ``n`` shard GraphModules (never the input graph). Each shard
 holds its slice of the sharded weights and the replicated ones; view/reshape/expand/split
 sizes are rewritten to local sizes; every row-parallel matmul is followed by an explicit
-``_c10d_functional.all_reduce`` + ``wait_tensor`` (its bias added once, after the reduce).
-Under ``torch.distributed`` those nodes are real collectives; ``simulate`` runs all shards
-in lockstep in one process and sums instead.
+``_c10d_functional.all_reduce`` + ``wait_tensor`` (its bias added once, after the reduce), as is a
+sum over a sharded experts dim and a vocabulary-parallel embedding (ids outside a shard's rows
+read zeros); a sharded model output (a vocabulary-parallel LM head) is all-gathered there
+(``all_gather_into_tensor`` + ``wait_tensor``). Under ``torch.distributed`` those nodes are real
+collectives; ``simulate`` runs all shards in lockstep in one process and sums or concatenates instead.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ import torch.fx
 from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
 from passes._util import fetch_attr, format_bytes, format_count, format_seconds, node_value, table, tensor_bytes
 from .plan import Plan, Stage, StageCost
-from .sharding_rules import Shard, Sharding, analyze
+from .sharding_rules import Shard, Sharding, analyze, seed_input
 
-__all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "WAIT", "LOCAL_SLICE"]
+__all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "ALL_GATHER", "WAIT", "LOCAL_SLICE"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 _SHAPE_ARG = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 _OPT_STATE = {None: 0, "sgd": 0, "adamw": 2}
@@ -46,6 +49,9 @@ class TensorSharding:
     max_shard_sharded_bytes: int            # the largest shard's bytes of those
     group_name: str = "0"                   # process group the all-reduce nodes name (the default group)
     param_shards: dict = field(default_factory=dict)   # shard attribute name -> Shard: parameters split at build
+    vocab: tuple[str, ...] = ()             # vocabulary-parallel embeddings (table split by rows; all-reduce after)
+    gathered: tuple[str, ...] = ()          # sharded outputs all-gathered at the model's output (vocab-parallel head)
+    expert: tuple[str, ...] = ()            # expert-parallel einsums/bmms (parameter split on a batch dim, e.g. experts)
 
     @property
     def sharded_fraction(self) -> float:
@@ -68,6 +74,14 @@ class TensorSharding:
 
     def report(self) -> str:
         lines = [f"sharded: {len(self.column)} column-parallel matmuls {list(self.column)}",
+                 *([f"         {len(self.expert)} expert-parallel matmuls {list(self.expert)} (parameters split "
+                    f"on a batch dim, e.g. the experts; a sum over it is a partial sum, all-reduced)"]
+                   if self.expert else []),
+                 *([f"         {len(self.vocab)} vocabulary-parallel embeddings {list(self.vocab)} (table split "
+                    f"by rows; ids outside a shard's rows look up zeros; all-reduce after each)"]
+                   if self.vocab else []),
+                 *([f"         {len(self.gathered)} outputs all-gathered {list(self.gathered)} (column-parallel "
+                    f"up to the model's output, e.g. a vocabulary-parallel LM head)"] if self.gathered else []),
                  f"         {len(self.row)} row-parallel matmuls {list(self.row)} (all-reduce after each; "
                  f"bias added once after it)",
                  f"split parameters: {format_bytes(self.sharded_param_bytes)}; the largest shard holds "
@@ -136,7 +150,8 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
             attrs[node.target] = gm.get_submodule(node.target)
             env[node] = graph.node_copy(node, lambda a: env[a])
         elif node.op == "output":
-            env[node] = graph.output(torch.fx.map_arg(node.args[0], lambda a: env[a]))
+            gathered = {a: _emit_gather(graph, a, env[a], sh.layout[a].dim, n, group_name) for a in sh.gather}
+            env[node] = graph.output(torch.fx.map_arg(node.args[0], lambda a: gathered.get(a, env[a])))
         else:
             def arg_of(a, user=node):
                 shard = sh.convert.get((user, a))
@@ -146,7 +161,7 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
                 if key not in local_of:
                     local_of[key] = _local(env[a], tuple(node_value(a).shape), shard, r, n, call)
                 return local_of[key]
-            env[node] = _emit_reduce(graph, node, arg_of, group_name) if node in sh.reduce else \
+            env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
                 _copy_local(graph, node, arg_of, sh)
         env[node].meta.update({k: v for k, v in node.meta.items() if k not in env[node].meta})
         if node in sh.layout:
@@ -185,18 +200,20 @@ def _copy_local(graph, node, arg_of, sh: Sharding):
     return new
 
 
-def _emit_reduce(graph, node, arg_of, group_name: str):
+def _emit_reduce(graph, node, arg_of, group_name: str, *, r: int, n: int):
     """A row-parallel matmul on local operands, all-reduced (sum) over the shards, then its bias once."""
     target, args = node.target, node.args
     bias = None
-    if target == aten.linear.default:
+    if target == aten.embedding.default:
+        y = _local_lookup(graph, node, arg_of, r=r, n=n)
+    elif target == aten.linear.default:
         y = graph.call_function(target, (arg_of(args[0]), arg_of(args[1])))
         bias = args[2] if len(args) > 2 else None
     elif target == aten.addmm.default:
         y = graph.call_function(aten.mm.default, (arg_of(args[1]), arg_of(args[2])))
         bias = args[0]
-    else:
-        y = graph.call_function(target, (arg_of(args[0]), arg_of(args[1])))
+    else:                   # mm, bmm, matmul, einsum, a sum over the sharded dim: copied on local operands
+        y = graph.node_copy(node, arg_of)
     y.meta = dict(node.meta)
     nbytes = tensor_bytes(node_value(node))
     reduced = graph.call_function(ALL_REDUCE, (y, "sum", group_name))
@@ -208,6 +225,38 @@ def _emit_reduce(graph, node, arg_of, group_name: str):
         out = graph.call_function(aten.add.Tensor, (out, arg_of(bias)))
         out.meta = {k: v for k, v in node.meta.items() if k != COST}
     return out
+
+
+def _emit_gather(graph, node, local, dim: int, n: int, group_name: str):
+    """The full value of sharded ``node`` on every shard: gathered along dim 0, so the sharded dim moves there."""
+    front = graph.call_function(aten.movedim.int, (local, dim, 0))
+    front = graph.call_function(aten.contiguous.default, (front,))
+    gathered = graph.call_function(ALL_GATHER, (front, n, group_name))
+    out = graph.call_function(WAIT, (gathered,))
+    out = graph.call_function(aten.movedim.int, (out, 0, dim))
+    gathered.meta[COLLECTIVE] = {"kind": "all_gather", "bytes": tensor_bytes(node_value(node)), "block": _block(node)}
+    out.meta["val"] = node_value(node)
+    return out
+
+
+def _local_lookup(graph, node, arg_of, *, r: int, n: int):
+    """Shard r's rows ``[start, end)`` of an embedding table: ids outside them look up row 0, then read zeros."""
+    weight, ids, *rest = node.args
+    chunk = node_value(weight).shape[0] // n
+    start, end = r * chunk, (r + 1) * chunk
+
+    def call(op, *a):
+        new = graph.call_function(op, a)
+        new.meta[LOCAL_SLICE] = True         # inside the region: the runner adds no f between these
+        return new
+
+    ids = arg_of(ids)
+    mask = call(aten.bitwise_or.Tensor, call(aten.lt.Scalar, ids, start), call(aten.ge.Scalar, ids, end))
+    local = call(aten.masked_fill.Scalar, call(aten.sub.Scalar, ids, start), mask, 0)
+    if rest and rest[0] != -1:               # padding_idx: local on the shard holding it, else none
+        rest[0] = rest[0] - start if start <= rest[0] < end else -1
+    y = call(aten.embedding.default, arg_of(weight), local, *rest)
+    return call(aten.masked_fill.Scalar, y, call(aten.unsqueeze.default, mask, -1), 0.0)
 
 
 # -- running in one process ---------------------------------------------------------------------
@@ -227,6 +276,10 @@ def simulate(modules: list[torch.fx.GraphModule], flat: list):
             return torch.fx.map_arg(first.args[0], lambda a: interps[0].env[a])
         elif first.op == "call_function" and first.target is ALL_REDUCE:
             total = sum(interp.env[node.args[0]] for interp, node in zip(interps, nodes))
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = total
+        elif first.op == "call_function" and first.target is ALL_GATHER:
+            total = torch.cat([interp.env[node.args[0]] for interp, node in zip(interps, nodes)])
             for interp, node in zip(interps, nodes):
                 interp.env[node] = total
         elif first.op == "call_function" and first.target is WAIT:
@@ -288,13 +341,17 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
     collectives = tuple((_block(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
     backward = tuple((_block(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(_input_of(seeds[0]))))
                      for seeds in _column_groups(sh))
-    fwd_bytes = sum(b for *_, b in collectives)
+    # an all-gather moves (n-1)/n of the tensor per device, half a ring all-reduce
+    fwd_bytes = sum(b for *_, b in collectives) + sum(tensor_bytes(node_value(a)) for a in sh.gather) // 2
     bwd_bytes = sum(b for *_, b in backward)
     full = {node: tensor_bytes(fetch_attr(gm, node.target)) for node in sliced}
     biggest = max((sum(tensor_bytes(fetch_attr(m, node.target)) for node in sliced) for m in modules), default=0)
     info = TensorSharding(
         n=n, column=tuple(s.name for s in gm.graph.nodes if s in sh.column),
-        row=tuple(s.name for s in gm.graph.nodes if s in sh.reduce), replicated=dict(sh.replicated),
+        row=tuple(s.name for s in gm.graph.nodes if s in sh.reduce and s not in sh.vocab), replicated=dict(sh.replicated),
+        expert=tuple(s.name for s in gm.graph.nodes if s in sh.expert),
+        vocab=tuple(s.name for s in gm.graph.nodes if s in sh.vocab),
+        gathered=tuple(s.name for s in gm.graph.nodes if s in sh.gather),
         collectives=collectives, backward_collectives=backward, sharded_param_bytes=sum(full.values()),
         max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()})
     stages = []
@@ -315,13 +372,12 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
                 sharding=info)
 
 
-def _input_of(seed):
-    return seed.args[1] if seed.target == torch.ops.aten.addmm.default else seed.args[0]
+_input_of = seed_input
 
 
 def _column_groups(sh: Sharding) -> list[list]:
     groups: dict = {}
-    for seed in sh.column:
+    for seed in sh.column | sh.expert:
         groups.setdefault(_input_of(seed), []).append(seed)
     return list(groups.values())
 

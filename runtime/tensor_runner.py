@@ -8,6 +8,8 @@ column-parallel region, so the runner rewrites a copy of the shard graph with Me
 operators as autograd functions:
 
 * ``g`` after each row-parallel matmul: all-reduce (sum) forward, identity backward;
+* a gather at a sharded model output (a vocabulary-parallel head): all-gather forward,
+  this rank's slice of the gradient backward;
 * ``f`` on every replicated value that enters a sharded region (the input of a
   column-parallel group, a replicated tensor sliced or broadcast into sharded ops):
   identity forward, all-reduce (sum) backward.
@@ -29,12 +31,13 @@ import torch.distributed as dist
 import torch.fx
 
 from partitioner.plan import concat_microbatches, split_microbatches
-from partitioner.tensor import ALL_REDUCE, LOCAL_SLICE, WAIT
+from partitioner.tensor import ALL_GATHER, ALL_REDUCE, LOCAL_SLICE, WAIT
 from passes._keys import SHARD
 
 from .runner import Runner, _placeholder_shapes, _shapes, _split
 
-__all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "megatron_graph", "join_shards"]
+__all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "gather_from_region", "megatron_graph",
+           "join_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,27 @@ class _CopyToRegion(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=_group(ctx.group_name))
         return grad, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    """Concatenate the shards' slices along dim 0; the gradient (the same on every rank) is sliced back."""
+
+    @staticmethod
+    def forward(ctx, x, group_size, group_name):
+        group = _group(group_name)
+        ctx.rank, ctx.group_size = dist.get_rank(group), group_size
+        out = x.new_empty((group_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.group_size)[ctx.rank].contiguous(), None, None
+
+
+def gather_from_region(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
+    """All-gather along dim 0 forward, this rank's slice of the gradient backward."""
+    return _GatherFromRegion.apply(x, group_size, group_name)
 
 
 def reduce_from_region(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -128,18 +152,22 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
                 entered[arg].meta = {"val": arg.meta["val"]}
             node.replace_input_with(arg, entered[arg])
     for node in list(graph.nodes):
-        if node.target is WAIT and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is ALL_REDUCE:
+        if node.target is WAIT and isinstance(node.args[0], torch.fx.Node) and \
+                node.args[0].target in (ALL_REDUCE, ALL_GATHER):
             reduce = node.args[0]
             with graph.inserting_before(node):
-                g = graph.call_function(reduce_from_region, (reduce.args[0], group_name))
+                g = graph.call_function(reduce_from_region, (reduce.args[0], group_name)) \
+                    if reduce.target is ALL_REDUCE else \
+                    graph.call_function(gather_from_region, (reduce.args[0], reduce.args[1], group_name))
             g.meta = dict(node.meta)
             node.replace_all_uses_with(g)
             graph.erase_node(node)
             if not reduce.users:
                 graph.erase_node(reduce)
-    leftover = [n.format_node() for n in graph.nodes if n.target in (ALL_REDUCE, WAIT)]
+    leftover = [n.format_node() for n in graph.nodes if n.target in (ALL_REDUCE, ALL_GATHER, WAIT)]
     if leftover:
-        raise ValueError(f"megatron_graph: collectives it cannot pair (all_reduce then wait_tensor): {leftover[:4]}")
+        raise ValueError(f"megatron_graph: collectives it cannot pair (all_reduce or all_gather_into_tensor, then "
+                         f"wait_tensor): {leftover[:4]}")
     graph.lint()
     gm.recompile()
     log.debug("shard graph with f/g: %d f, %d g", len(entered),

@@ -6,9 +6,10 @@ import torch
 
 from _models import MODELS
 from partitioner import partition
-from partitioner.tensor import ALL_REDUCE
+from partitioner.sharding_rules import Shard
+from partitioner.tensor import ALL_GATHER, ALL_REDUCE
 
-_SHARDED = {"gpt2", "llama", "bert", "t5", "vit", "mlp"}
+_SHARDED = {"gpt2", "llama", "bert", "t5", "vit", "mlp", "moe"}
 
 
 def _outputs(out):
@@ -35,15 +36,82 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
         stage.module.graph.lint()
     print(f"{name} n={n}: largest shard holds {info.sharded_fraction:.3f} of the split parameters; "
           f"{len(info.column)} column-, {len(info.row)} row-parallel, {len(info.replicated)} replicated")
-    if name in _SHARDED:
-        assert info.row, plan.report()
-        assert info.sharded_fraction == pytest.approx(1 / n, abs=1e-3)
-        n_reduce = sum(node.target is ALL_REDUCE for node in plan.stages[0].module.graph.nodes)
-        assert n_reduce == len(info.row)
-        assert max(s.cost.param_bytes for s in plan.stages) < sum(p.numel() * 4 for p in model.parameters())
-    else:   # MoE: expert einsums have no rule, so the layer stays whole on every shard
-        assert not info.row and any("einsum" in why for why in info.replicated.values())
+    assert info.row, plan.report()
+    assert info.sharded_fraction == pytest.approx(1 / n, abs=1e-3)
+    n_reduce = sum(node.target is ALL_REDUCE for node in plan.stages[0].module.graph.nodes)
+    assert n_reduce == len(info.row) + len(info.vocab)
+    assert max(s.cost.param_bytes for s in plan.stages) < sum(p.numel() * 4 for p in model.parameters())
     assert "replicated" in plan.report() or not info.replicated
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_moe_experts_split_on_the_experts_dim_and_the_sum_over_experts_is_all_reduced(n):
+    model, args, kwargs, plan = _plan("moe", n)
+    info = plan.sharding
+    assert info.expert == ("einsum",) and info.row == ("sum_1",) and not info.column
+    assert {k: (s.dim, s.blocks) for k, s in info.param_shards.items()} == {"w_in": (0, 1), "w_out": (0, 1)}
+    params = dict(plan.stages[n - 1].module.named_parameters())
+    assert params["w_in"].shape[0] == params["w_out"].shape[0] == model.w_in.shape[0] // n
+    torch.testing.assert_close(params["w_in"], model.w_in[-(model.w_in.shape[0] // n):])
+    assert params["router.weight"].shape == model.router.weight.shape      # the router stays whole
+    assert "softmax over the sharded dim" in info.replicated["linear"]
+    code = plan.stages[0].module.code
+    assert code.count("_c10d_functional.all_reduce") == 1
+    assert "expert-parallel" in plan.report() and "einsum" in plan.report()
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*args, **kwargs), model(*args, **kwargs))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_llama_untied_embedding_splits_by_vocabulary_and_looks_up_zeros_outside_its_rows(n):
+    model, args, kwargs = MODELS["llama"]()
+    model.model.embed_tokens.padding_idx = 0          # local padding row only on shard 0
+    args = (args[0].clone(),)
+    args[0][0, :3] = torch.tensor([0, model.config.vocab_size - 1, model.config.vocab_size // n])  # edges
+    plan = partition(model, n, args, kwargs, strategy="tensor", device="h100", training=False)
+    info = plan.sharding
+    assert info.vocab == ("embedding",) and "embedding" not in info.row
+    assert info.param_shards["model.embed_tokens.weight"] == Shard(0)
+    table = model.model.embed_tokens.weight
+    for r, stage in enumerate(plan.stages):
+        local = dict(stage.module.named_parameters())["model.embed_tokens.weight"]
+        torch.testing.assert_close(local, table.chunk(n)[r])
+        code = stage.module.code
+        assert "embedding.default" in code and "masked_fill" in code
+        assert f"embedding.default(model_embed_tokens_weight, masked_fill_scalar, {0 if r == 0 else -1})" in code
+    assert "vocabulary-parallel" in plan.report()
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
+
+
+def test_gpt2_tied_embedding_and_head_stay_replicated_with_reason():
+    _, _, _, plan = _plan("gpt2", 2)
+    assert not plan.sharding.vocab and not plan.sharding.gathered
+    assert "tied" in plan.sharding.replicated["embedding"] and "tied" in plan.sharding.replicated["linear"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_llama_untied_head_splits_by_vocabulary_and_gathers_the_logits(n):
+    model, args, kwargs, plan = _plan("llama", n)
+    info = plan.sharding
+    assert info.gathered == ("linear_14",) and "linear_14" in info.column
+    assert info.param_shards["lm_head.weight"] == Shard(0)
+    for r, stage in enumerate(plan.stages):
+        local = dict(stage.module.named_parameters())["lm_head.weight"]
+        torch.testing.assert_close(local, model.lm_head.weight.chunk(n)[r])
+        gathers = [node for node in stage.module.graph.nodes if node.target is ALL_GATHER]
+        assert len(gathers) == 1 and gathers[0].args[1] == n
+        out = next(iter(stage.module.graph.find_nodes(op="output"))).args[0][0]
+        assert out.target is torch.ops.aten.movedim.int and out.args[1:] == (0, 2)
+    assert "all-gathered" in plan.report()
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
+
+
+def test_head_with_indivisible_classes_stays_replicated_with_reason():
+    _, _, _, plan = _plan("vit", 4)            # 10 labels on 4 shards
+    assert not plan.sharding.gathered and "not divisible by n = 4" in plan.sharding.replicated["linear_12"]
+    assert _plan("vit", 2)[3].sharding.gathered == ("linear_12",)
 
 
 def test_gpt2_has_two_all_reduces_per_block_forward_and_backward():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from test_runtime import N_STEPS, _case, _close, _sgd   # noqa: E402
 
-CASES = ("mlp", "gpt2", "llama")
+CASES = ("mlp", "gpt2", "llama", "moe")
 
 
 def _logits(out):
@@ -128,6 +128,11 @@ def test_tensor_parallel_training_matches_single_process(name, tmp_path):
     for key, want in result["state"].items():
         torch.testing.assert_close(result["merged"][key], want, rtol=0, atol=0, msg=f"merge_shards {key}")
     assert result["replica_mismatch"] == [], "replicated parameters diverged across ranks"
+    if name == "llama":    # untied embedding: vocabulary-parallel (padding_idx 0 is shard 0's)
+        assert result["param_shards"]["model.embed_tokens.weight"].dim == 0
+        assert result["param_shards"]["lm_head.weight"].dim == 0       # vocabulary-parallel head, logits gathered
+    if name == "moe":      # expert parallel: each rank holds half the experts
+        assert {k: s.dim for k, s in result["param_shards"].items()} == {"w_in": 0, "w_out": 0}
     if name == "gpt2":
         assert result["param_shards"]["transformer.h.0.attn.c_attn.weight"].blocks == 3   # q | k | v
         assert "lm_head.weight" in result["state"] and "transformer.wte.weight" in result["state"]
@@ -156,6 +161,18 @@ def test_megatron_graph_puts_f_before_each_column_group_and_g_after_each_row_mat
     assert targets.count(copy_to_region) == len(plan.sharding.backward_collectives) == 2
     assert "_c10d_functional" not in gm.code
     assert dict(gm.named_parameters()).keys() == dict(plan.stages[0].module.named_parameters()).keys()
+
+
+def test_megatron_graph_gathers_a_vocabulary_parallel_head_with_an_autograd_gather():
+    from partitioner import partition
+    from runtime.tensor_runner import gather_from_region, megatron_graph
+    model, _, kwargs, _, _ = _case("llama", 4)
+    plan = partition(model, 2, (), kwargs, strategy="tensor", device="h100")
+    assert plan.sharding.gathered == ("linear_14",)
+    gm = megatron_graph(plan.stages[1].module, group_name="0", param_shards=plan.sharding.param_shards)
+    gather = [n for n in gm.graph.nodes if n.target is gather_from_region]
+    assert len(gather) == 1 and gather[0].args[1:] == (2, "0")
+    assert "_c10d_functional" not in gm.code
 
 
 def test_join_shards_undoes_the_fused_qkv_split():
