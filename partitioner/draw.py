@@ -81,7 +81,8 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
 
 def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
     """A tensor plan: shards side by side (one cluster each), collectives as shared nodes between them."""
-    from .tensor import ALL_REDUCE, WAIT
+    from .tensor import ALL_GATHER, ALL_REDUCE, WAIT
+    collective_ops = {ALL_REDUCE: "all-reduce (sum)", ALL_GATHER: "all-gather"}
     dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
                     label=f"{plan.model}: {len(plan.stages)} tensor-parallel shards on "
                           f"{getattr(plan.device, 'name', plan.device)}", labelloc="t")
@@ -95,7 +96,7 @@ def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
         box_of: dict[str, str] = {}
         groups: dict[str, list] = {}
         for node in stage.module.graph.nodes:
-            if node.op == "call_function" and node.target not in (ALL_REDUCE, WAIT):
+            if node.op == "call_function" and node.target not in (ALL_REDUCE, ALL_GATHER, WAIT):
                 groups.setdefault(module_group(node, depth), []).append(node)
         for name, nodes in groups.items():
             box = f"s{stage.index}_" + "".join(ch if ch.isalnum() else "_" for ch in name)
@@ -104,12 +105,13 @@ def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
                                         shape="box", style="filled", fillcolor="white", fontname="Helvetica"))
             box_of.update((n.name, box) for n in nodes)
         for node in stage.module.graph.nodes:
-            if node.op != "call_function" or node.target is not ALL_REDUCE:
+            if node.op != "call_function" or node.target not in collective_ops:
                 continue
             info = node.meta.get(COLLECTIVE, {})
-            key = f"allreduce_{node.name}"
+            key = f"collective_{node.name}"
             collectives.setdefault(key, pydot.Node(
-                key, label=f"all-reduce (sum)\\n{info.get('block', '')}\\n{format_bytes(info.get('bytes', 0))}",
+                key, label=f"{collective_ops[node.target]}\\n{info.get('block', '')}\\n"
+                           f"{format_bytes(info.get('bytes', 0))}",
                 shape="ellipse", style="filled", fillcolor="#f5b7b1", fontname="Helvetica"))
             src = box_of.get(node.args[0].name)
             if src:
@@ -127,11 +129,11 @@ def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
     for node in collectives.values():
         dot.add_node(node)
     for src, dst in sorted(edges):
-        red = src.startswith("allreduce_") or dst.startswith("allreduce_")
+        red = src.startswith("collective_") or dst.startswith("collective_")
         dot.add_edge(pydot.Edge(src, dst, **({"color": "#c0392b", "penwidth": "2"} if red else {})))
     dot.add_node(pydot.Node("legend", shape="note", fontname="Helvetica",
                             label="cluster: shard (params, fwd+bwd FLOPs, time)\\nbox: module group (ops, FLOPs)"
-                                  "\\nred ellipse: all-reduce joining every shard (bytes per batch)"))
+                                  "\\nred ellipse: collective joining every shard (bytes per batch)"))
     return dot
 
 
