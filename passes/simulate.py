@@ -328,19 +328,7 @@ def simulate_module(model: torch.nn.Module, args: tuple, kwargs: dict, *, traini
     tracker.owner = MODULE
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        state, params, buffers = {}, [], []
-        fakes: dict[int, torch.Tensor] = {}
-        for name, t in list(model.named_parameters(remove_duplicate=False)) + \
-                list(model.named_buffers(remove_duplicate=False)):
-            if id(t) not in fakes:
-                fake = fake_mode.from_tensor(t)
-                if isinstance(t, torch.nn.Parameter):
-                    fake.requires_grad_(training and t.requires_grad)
-                    params.append(fake)
-                else:
-                    buffers.append(fake)
-                fakes[id(t)] = fake
-            state[name] = fakes[id(t)]
+        state, params, buffers, _ = _fake_module_state(model, fake_mode, training)
         args, kwargs = tree_map(lambda v: fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
                                 (tuple(args), dict(kwargs)))
         opt = _warm_optimizer(optimizer, params, foreach) if training else None
@@ -422,10 +410,12 @@ def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
                           names=[n.target for n in gm.graph.nodes if n.op == "placeholder"])
 
 
-def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: bool):
-    """Fake copies of the graph's parameters and buffers (tied ones stay one tensor)."""
-    attrs, params, buffers, seen = {}, [], [], {}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+def _fake_module_state(module: torch.nn.Module, fake_mode: FakeTensorMode, training: bool):
+    """Fake copies of a module's parameters and buffers by every name (tied ones stay one tensor):
+    (name -> fake, fake parameters, fake buffers, id(real) -> fake)."""
+    state, params, buffers, seen = {}, [], [], {}
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False)):
         if id(t) not in seen:
             fake = fake_mode.from_tensor(t)
             if isinstance(t, torch.nn.Parameter):
@@ -434,7 +424,13 @@ def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: b
             else:
                 buffers.append(fake)
             seen[id(t)] = fake
-        attrs[name] = seen[id(t)]
+        state[name] = seen[id(t)]
+    return state, params, buffers, seen
+
+
+def _fake_state(gm: torch.fx.GraphModule, fake_mode: FakeTensorMode, training: bool):
+    """Fake copies of the graph's parameters, buffers and other tensor constants it reads."""
+    attrs, params, buffers, seen = _fake_module_state(gm, fake_mode, training)
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in attrs:
             value = fetch_attr(gm, node.target)
