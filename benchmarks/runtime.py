@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _common import md_table, median, write_result
+
+from runtime.launch import launch_local  # noqa: E402
 
 N_STAGES = 2
 MICROBATCHES = (4, 8)
@@ -201,29 +201,11 @@ def _run_rank(args, out_path: str) -> None:
 
 
 # -- launch and report ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(argv: list[str], out_path: str, timeout_s: float) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(N_STAGES),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--rank-out", out_path],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(N_STAGES)]
-    start, logs = time.monotonic(), []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - start)))[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        if p.returncode != 0:
-            raise RuntimeError(f"rank {r} exited with {p.returncode}:\n{log[-4000:]}")
+    codes, logs = launch_local([__file__, *argv, "--rank-out", out_path], N_STAGES, timeout_s=timeout_s)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        if code != 0:
+            raise RuntimeError(f"rank {r} exited with {code}:\n{log[-4000:]}")
     print(logs[0], end="")
 
 

@@ -6,6 +6,7 @@ from .runner import Runner, StageError, merge_shards, merge_state_dicts
 from .tensor_runner import TensorRunner
 from .pipelining import PipeliningSchedule, pipelining_schedule
 from .schedules import Action, gpipe, one_f_one_b, simulate, to_chrome_trace
+from .launch import launch_local
 
 __all__ = ["Runner", "TensorRunner", "StageError", "merge_shards", "merge_state_dicts", "pipelining_schedule", "PipeliningSchedule",
-           "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace"]
+           "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace", "launch_local"]

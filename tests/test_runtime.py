@@ -10,14 +10,14 @@ schedules without running every combination.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from runtime.launch import launch_local
 
 N_STEPS = 3
 LR = 0.1
@@ -188,31 +188,13 @@ def _mismatch_worker() -> None:
 
 
 # -- launching ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(case: str, tmp_path, world_size: int, timeout_s: float = 150, expect_ok: bool = True):
     out = tmp_path / f"{case}.pt"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world_size),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, case, str(out)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world_size)]
-    logs, start = [], time.monotonic()
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - start)))[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    codes, logs = launch_local([__file__, case, str(out)], world_size, timeout_s=timeout_s)
     if not expect_ok:
-        return [p.returncode for p in procs], logs
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+        return codes, logs
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"rank {r} exited with {code}:\n{log[-4000:]}"
     return torch.load(out, weights_only=False)
 
 

@@ -8,14 +8,13 @@ also trains the unpartitioned model and writes everything to a file the test rea
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from runtime.launch import launch_local
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_runtime import N_STEPS, _case, _close, _sgd   # noqa: E402
@@ -89,23 +88,9 @@ def _reference(name: str) -> dict:
 
 def _launch(name: str, tmp_path, world_size: int = 2, timeout_s: float = 120):
     out = tmp_path / f"{name}.pt"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, name, str(out)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
-    start, logs = time.monotonic(), []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - start)))[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    codes, logs = launch_local([__file__, name, str(out)], world_size, timeout_s=timeout_s)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"rank {r} exited with {code}:\n{log[-4000:]}"
     return torch.load(out, weights_only=False)
 
 
