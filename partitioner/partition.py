@@ -219,13 +219,15 @@ def _in_module(node: torch.fx.Node, path: str) -> bool:
 
 
 def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None) -> Plan:
-    """Apply a saved plan's cuts to ``model`` (same architecture) without planning again.
+    """Apply a saved plan's decisions to ``model`` (same architecture) without planning again.
 
     Plan on the meta device, then load onto the real weights: the stages hold the
-    model's own parameters.
+    model's own parameters. Pipeline plans reuse the saved cuts; tensor plans rerun the
+    (deterministic) sharding analysis and check that it reproduces every saved decision.
 
     Raises:
-        ValueError: the file is not an fxpart plan, or the model's graph does not match it.
+        ValueError: the file is not an fxpart plan, or the model's graph (or, for a tensor
+            plan, its sharding) does not match it.
     """
     with open(path) as f:
         saved = json.load(f)
@@ -240,6 +242,8 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
     spec = DeviceSpec.from_dict(saved["device"])
     training = saved["training"]
     estimate(gm, args, kwargs, device=spec, training=training, optimizer="adamw" if training else None)
+    if saved["strategy"] == "tensor":
+        return _load_tensor_plan(saved, path, model, gm, spec, training)
     costs = PipelineCosts.of(gm, training=training, link_Bps=spec.link_bandwidth_Bps, balance=saved["balance"])
     n_stages = len(saved["stages"])
     positions = _pinned_positions(costs, saved["cuts"], n_stages)
@@ -247,3 +251,17 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
                       n_microbatches=saved["n_microbatches"], optimizer="adamw" if training else None,
                       balance=saved["balance"], model=saved["model"])
     return _for_model(plan, model, gm, args, kwargs, microbatched=saved.get("runs_microbatches", False))
+
+
+def _load_tensor_plan(saved: dict, path: str, model: nn.Module, gm, spec, training: bool) -> Plan:
+    """A tensor plan's shards for ``model``: the sharding analysis (deterministic, pattern-based) is
+    rerun on this model's graph and must reproduce every saved decision."""
+    plan = _tensor_partition(model, gm, saved["sharding"]["n"], spec=spec, training=training,
+                             optimizer="adamw" if training else None, memory_limit=None, model=saved["model"])
+    found = plan.sharding.decisions()
+    differ = [k for k in saved["sharding"] if found.get(k) != saved["sharding"][k]]
+    if differ:
+        raise ValueError(f"{type(model).__name__} shards differently from the plan in {path} ({', '.join(differ)} "
+                         f"differ: saved {[saved['sharding'][k] for k in differ]}, found {[found[k] for k in differ]}); "
+                         f"plan again with partition(..., strategy='tensor')")
+    return plan

@@ -179,6 +179,7 @@ class Plan:
             "state_keys": self.state_keys,
             "stages": [{"index": s.index, "first_node": s.first_node, "last_node": s.last_node,
                         "params": s.param_names, "cost": s.cost.to_dict()} for s in self.stages],
+            **({"sharding": self.sharding.decisions()} if self.sharding is not None else {}),
         }
 
     def save(self, path: str) -> str:

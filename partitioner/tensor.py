@@ -53,6 +53,12 @@ class TensorSharding:
     gathered: tuple[str, ...] = ()          # sharded outputs all-gathered at the model's output (vocab-parallel head)
     expert: tuple[str, ...] = ()            # expert-parallel einsums/bmms (parameter split on a batch dim, e.g. experts)
 
+    def decisions(self) -> dict:
+        """What was split and how, by node name (JSON): what ``load_plan`` checks a model against."""
+        return {"n": self.n, "column": list(self.column), "row": list(self.row), "expert": list(self.expert),
+                "vocab": list(self.vocab), "gathered": list(self.gathered),
+                "replicated": sorted(self.replicated)}
+
     @property
     def sharded_fraction(self) -> float:
         """Largest shard's share of the split parameters (1/n when they divide evenly)."""

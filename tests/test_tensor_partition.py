@@ -161,3 +161,32 @@ def test_unknown_strategy_is_refused():
     model, args, kwargs = MODELS["mlp"]()
     with pytest.raises(ValueError, match="tensor"):
         partition(model, 2, args, kwargs, strategy="sequence")
+
+
+def test_tensor_plan_made_on_meta_loads_onto_real_weights_and_refuses_another_architecture(tmp_path):
+    from _models import llama
+    from partitioner import load_plan
+    meta_model, meta_args, kwargs = llama(device="meta")
+    plan = partition(meta_model, 2, meta_args, kwargs, strategy="tensor", device="h100", training=False)
+    path = plan.save(tmp_path / "tp.json")
+    model, args, kwargs = llama()
+    loaded = load_plan(path, model, args, kwargs)
+    assert loaded.strategy == "tensor" and loaded.sharding.decisions() == plan.sharding.decisions()
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(loaded(*args, **kwargs)), _outputs(model(*args, **kwargs)))
+    other, other_args, other_kwargs = llama(hidden=128)
+    with pytest.raises(ValueError, match="does not match the plan"):
+        load_plan(path, other, other_args, other_kwargs)
+
+
+def test_loading_a_tensor_plan_whose_decisions_this_model_does_not_reproduce_is_refused(tmp_path):
+    import json
+    from _models import llama
+    from partitioner import load_plan
+    model, args, kwargs = llama()
+    path = partition(model, 2, args, kwargs, strategy="tensor", device="h100", training=False).save(tmp_path / "tp.json")
+    saved = json.loads(open(path).read())
+    saved["sharding"]["column"] = saved["sharding"]["column"][1:]    # as if an older fxpart had split less
+    open(path, "w").write(json.dumps(saved))
+    with pytest.raises(ValueError, match="shards differently from the plan"):
+        load_plan(path, model, args, kwargs)
