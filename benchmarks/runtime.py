@@ -16,7 +16,7 @@ step) with a barrier before each step; a step's time is the slowest rank's. Then
 Runner steps (and torch steps) are instrumented to measure each rank's idle (bubble) fraction:
 stage compute is the time inside the stage module's forward (module hooks) plus the time
 inside ``torch.autograd.backward`` (wrapped for the measurement only); idle = 1 - compute /
-(step wall time - optimizer step). It is printed next to ``runtime.schedules.simulate`` fed
+(step wall time - optimizer step). It is printed next to ``partitioner.schedules.simulate`` fed
 the measured per-action times, and the theory (p-1)/(m+p-1).
 
 Writes ``benchmarks/results/runtime.md``. Run: ``python benchmarks/runtime.py`` (about 1-2 min on
@@ -210,7 +210,7 @@ def _launch(argv: list[str], out_path: str, timeout_s: float) -> None:
 
 
 def _report(gathered: list, args, elapsed_s: float) -> str:
-    from runtime.schedules import make_schedule, simulate
+    from partitioner.schedules import make_schedule, simulate
     speed_rows, idle_rows = [], []
     for per_rank in zip(*gathered):
         m, schedule = per_rank[0]["m"], per_rank[0]["schedule"]
@@ -270,7 +270,7 @@ step wall time; `idle (excl. optimizer)` subtracts the optimizer step (optimizer
 from the wall time, which is what the bubble formula describes. `blocked in recv`: the share of
 that time the Runner spends in its blocking receives (its private `_recv_tensors`, wrapped for
 these steps). `simulated` is
-`runtime.schedules.simulate` with the measured median F and B time of each stage (no
+`partitioner.schedules.simulate` with the measured median F and B time of each stage (no
 communication cost). `theory` is (p-1)/(m+p-1) with p = 2. The last column measures torch's
 schedules on the same module the same way. Idle above the simulated value is communication
 (point-to-point messages over gloo), Python overhead between actions and two processes

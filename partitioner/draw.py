@@ -5,7 +5,7 @@ writes files. Nodes are grouped by module (cut to ``depth`` path components) so 
 12-layer model reads per block; stages are clusters; edges that cross a cut carry their
 bytes. ``stage_chart`` draws time and memory per stage against the device's memory
 (matplotlib when installed, else text bars); ``schedule_timeline`` lays the pipeline
-schedule out in time (``runtime.schedules.simulate``) as a PNG/SVG, a Chrome trace or text.
+schedule out in time (``partitioner.schedules.simulate``) as a PNG/SVG, a Chrome trace or text.
 The DOT helpers are ``passes.draw``'s, shared with graph drawings.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
 
 def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
     """A tensor plan: shards side by side (one cluster each), collectives as shared nodes between them."""
-    from .tensor import ALL_GATHER, ALL_REDUCE, WAIT
+    from .sharding import ALL_GATHER, ALL_REDUCE, WAIT
     collective_ops = {ALL_REDUCE: "all-reduce (sum)", ALL_GATHER: "all-gather"}
     dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
                     label=f"{plan.model}: {len(plan.stages)} tensor-parallel shards on "
@@ -234,9 +234,9 @@ def schedule_timeline(plan, path: str | Path | None = None, *, schedule: str | N
         n_microbatches: None: the plan's, at least one per stage (so the pipeline fills).
 
     Returns:
-        The ``runtime.schedules.Timeline`` (bubble fraction, in-flight micro-batches per stage).
+        The ``partitioner.schedules.Timeline`` (bubble fraction, in-flight micro-batches per stage).
     """
-    from runtime.schedules import format_schedule, make_schedule, simulate, to_chrome_trace
+    from .schedules import format_schedule, make_schedule, simulate, to_chrome_trace
     n = len(plan.stages)
     n_mb = n_microbatches or max(plan.n_microbatches, n)
     actions = make_schedule(schedule or plan.schedule, n, n_mb)

@@ -1,7 +1,7 @@
 """Tensor (Megatron) partitioning: ``n`` shards of one graph, weights split, all-reduces between.
 
 Reads a captured, costed graph (``passes.capture``, ``passes.estimate``) and the layouts of
-``sharding_rules.analyze``; writes ``n`` shard GraphModules (never the input graph). Each shard
+``sharding.analyze``; writes ``n`` shard GraphModules (never the input graph). Each shard
 holds its slice of the sharded weights and the replicated ones; view/reshape/expand/split
 sizes are rewritten to local sizes; every row-parallel matmul is followed by an explicit
 ``_c10d_functional.all_reduce`` + ``wait_tensor`` (its bias added once, after the reduce), as is a
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,7 @@ import torch.fx
 from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
 from passes._util import fetch_attr, format_bytes, format_count, format_seconds, node_value, table, tensor_bytes
 from .plan import Plan, Stage, StageCost
-from .sharding_rules import Shard, Sharding, analyze, seed_input
+from .sharding import ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, seed_input, simulate, sliced_params
 
 __all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "ALL_GATHER", "WAIT", "LOCAL_SLICE"]
 
@@ -103,212 +102,7 @@ class TensorSharding:
         return "\n".join(lines)
 
 
-# -- building shards ----------------------------------------------------------------------------
-
-def _local(x, shape, shard: Shard, r: int, n: int, call):
-    """Shard ``r`` of ``x`` (a tensor or a graph node of ``shape``) under ``shard``; ``call(op, args)`` applies an op."""
-    d, blocks = shard.dim, shard.blocks
-    chunk = shape[d] // (blocks * n)
-    if blocks == 1:
-        return call(aten.slice.Tensor, (x, d, r * chunk, (r + 1) * chunk))
-    x = call(aten.view.default, (x, [*shape[:d], blocks, n * chunk, *shape[d + 1:]]))
-    x = call(aten.slice.Tensor, (x, d + 1, r * chunk, (r + 1) * chunk))
-    return call(aten.reshape.default, (x, [*shape[:d], blocks * chunk, *shape[d + 1:]]))
-
-
-def _sliced_params(gm, sh: Sharding) -> dict:
-    """get_attr node -> Shard, where every user wants the parameter sliced the same way (else sliced at run time)."""
-    wanted: dict = {}
-    for (user, arg), shard in sh.convert.items():
-        if arg.op == "get_attr":
-            wanted.setdefault(arg, set()).add(shard)
-    return {arg: next(iter(s)) for arg, s in wanted.items()
-            if len(s) == 1 and all((u, arg) in sh.convert for u in arg.users)}
-
-
-def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: str = "0",
-                sliced: dict | None = None) -> torch.fx.GraphModule:
-    """Shard ``r`` of ``gm`` as a plain GraphModule: local weights, local shapes, explicit all-reduces."""
-    n = sh.n
-    sliced = _sliced_params(gm, sh) if sliced is None else sliced
-    graph = torch.fx.Graph()
-    env: dict = {}
-    attrs: dict = {}
-    local_of: dict = {}
-
-    def call(op, args):
-        new = graph.call_function(op, tuple(args))
-        new.meta[LOCAL_SLICE] = True
-        return new
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
-        elif node.op == "get_attr":
-            value = fetch_attr(gm, node.target)
-            if node in sliced:
-                local = _local(value.detach(), tuple(value.shape), sliced[node], r, n, lambda op, a: op(*a))
-                value = torch.nn.Parameter(local.clone(), requires_grad=value.requires_grad) \
-                    if isinstance(value, torch.nn.Parameter) else local.clone()
-            attrs[node.target] = value
-            env[node] = graph.get_attr(node.target)
-        elif node.op == "call_module":
-            attrs[node.target] = gm.get_submodule(node.target)
-            env[node] = graph.node_copy(node, lambda a: env[a])
-        elif node.op == "output":
-            gathered = {a: _emit_gather(graph, a, env[a], sh.layout[a].dim, n, group_name) for a in sh.gather}
-            env[node] = graph.output(torch.fx.map_arg(node.args[0], lambda a: gathered.get(a, env[a])))
-        else:
-            def arg_of(a, user=node):
-                shard = sh.convert.get((user, a))
-                if shard is None or a in sliced:
-                    return env[a]
-                key = (a, shard)
-                if key not in local_of:
-                    local_of[key] = _local(env[a], tuple(node_value(a).shape), shard, r, n, call)
-                return local_of[key]
-            env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
-                _copy_local(graph, node, arg_of, sh)
-        env[node].meta.update({k: v for k, v in node.meta.items() if k not in env[node].meta})
-        if node in sh.layout:
-            env[node].meta[SHARD] = sh.layout[node]
-    graph.lint()
-    return _module(attrs, graph, f"Shard{r}")
-
-
-def _module(attrs: dict, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
-    module = torch.fx.GraphModule(attrs, graph, class_name=name)
-    for target, value in attrs.items():     # buffers stay buffers (state_dict, .to())
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-            owner_path, _, leaf = target.rpartition(".")
-            owner = module.get_submodule(owner_path) if owner_path else module
-            delattr(owner, leaf)
-            owner.register_buffer(leaf, value)
-    return module
-
-
-def _copy_local(graph, node, arg_of, sh: Sharding):
-    """Copy ``node``; a sharded view/reshape/expand/split gets its local sizes."""
-    new = graph.node_copy(node, arg_of)
-    src = node.args[0] if node.args else None
-    if node.target in _SHAPE_ARG and node in sh.layout and src in sh.layout:
-        sizes = list(new.args[1])
-        d = sh.layout[node].dim
-        if isinstance(sizes[d], int) and sizes[d] != -1:
-            sizes[d] //= sh.n
-        new.args = (new.args[0], sizes, *new.args[2:])
-    elif node.target in (aten.split.Tensor, aten.split_with_sizes.default) and src in sh.layout:
-        dim = (node.args[2] if len(node.args) > 2 else 0) % node_value(src).dim()
-        if dim == sh.layout[src].dim:
-            sizes = new.args[1]
-            sizes = sizes // sh.n if isinstance(sizes, int) else [z // sh.n for z in sizes]
-            new.args = (new.args[0], sizes, *new.args[2:])
-    return new
-
-
-def _emit_reduce(graph, node, arg_of, group_name: str, *, r: int, n: int):
-    """A row-parallel matmul on local operands, all-reduced (sum) over the shards, then its bias once."""
-    target, args = node.target, node.args
-    bias = None
-    if target == aten.embedding.default:
-        y = _local_lookup(graph, node, arg_of, r=r, n=n)
-    elif target == aten.linear.default:
-        y = graph.call_function(target, (arg_of(args[0]), arg_of(args[1])))
-        bias = args[2] if len(args) > 2 else None
-    elif target == aten.addmm.default:
-        y = graph.call_function(aten.mm.default, (arg_of(args[1]), arg_of(args[2])))
-        bias = args[0]
-    else:                   # mm, bmm, matmul, einsum, a sum over the sharded dim: copied on local operands
-        y = graph.node_copy(node, arg_of)
-    y.meta = dict(node.meta)
-    nbytes = tensor_bytes(node_value(node))
-    reduced = graph.call_function(ALL_REDUCE, (y, "sum", group_name))
-    out = graph.call_function(WAIT, (reduced,))
-    for new in (reduced, out):
-        new.meta = {k: v for k, v in node.meta.items() if k != COST}
-    reduced.meta[COLLECTIVE] = {"kind": "all_reduce", "bytes": nbytes, "block": _block(node)}
-    if isinstance(bias, torch.fx.Node):
-        out = graph.call_function(aten.add.Tensor, (out, arg_of(bias)))
-        out.meta = {k: v for k, v in node.meta.items() if k != COST}
-    return out
-
-
-def _emit_gather(graph, node, local, dim: int, n: int, group_name: str):
-    """The full value of sharded ``node`` on every shard: gathered along dim 0, so the sharded dim moves there."""
-    front = graph.call_function(aten.movedim.int, (local, dim, 0))
-    front = graph.call_function(aten.contiguous.default, (front,))
-    gathered = graph.call_function(ALL_GATHER, (front, n, group_name))
-    out = graph.call_function(WAIT, (gathered,))
-    out = graph.call_function(aten.movedim.int, (out, 0, dim))
-    gathered.meta[COLLECTIVE] = {"kind": "all_gather", "bytes": tensor_bytes(node_value(node)), "block": _block(node)}
-    out.meta["val"] = node_value(node)
-    return out
-
-
-def _local_lookup(graph, node, arg_of, *, r: int, n: int):
-    """Shard r's rows ``[start, end)`` of an embedding table: ids outside them look up row 0, then read zeros."""
-    weight, ids, *rest = node.args
-    chunk = node_value(weight).shape[0] // n
-    start, end = r * chunk, (r + 1) * chunk
-
-    def call(op, *a):
-        new = graph.call_function(op, a)
-        new.meta[LOCAL_SLICE] = True         # inside the region: the runner adds no f between these
-        return new
-
-    ids = arg_of(ids)
-    mask = call(aten.bitwise_or.Tensor, call(aten.lt.Scalar, ids, start), call(aten.ge.Scalar, ids, end))
-    local = call(aten.masked_fill.Scalar, call(aten.sub.Scalar, ids, start), mask, 0)
-    if rest and rest[0] != -1:               # padding_idx: local on the shard holding it, else none
-        rest[0] = rest[0] - start if start <= rest[0] < end else -1
-    y = call(aten.embedding.default, arg_of(weight), local, *rest)
-    return call(aten.masked_fill.Scalar, y, call(aten.unsqueeze.default, mask, -1), 0.0)
-
-
-# -- running in one process ---------------------------------------------------------------------
-
-def simulate(modules: list[torch.fx.GraphModule], flat: list):
-    """Run every shard node by node in lockstep; an all-reduce sums the shards' values. Returns shard 0's outputs."""
-    interps = [torch.fx.Interpreter(m) for m in modules]
-    lists = [list(m.graph.nodes) for m in modules]
-    inputs = iter(flat)
-    for nodes in zip(*lists):
-        first = nodes[0]
-        if first.op == "placeholder":
-            value = next(inputs)
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = value
-        elif first.op == "output":
-            return torch.fx.map_arg(first.args[0], lambda a: interps[0].env[a])
-        elif first.op == "call_function" and first.target is ALL_REDUCE:
-            total = sum(interp.env[node.args[0]] for interp, node in zip(interps, nodes))
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = total
-        elif first.op == "call_function" and first.target is ALL_GATHER:
-            total = torch.cat([interp.env[node.args[0]] for interp, node in zip(interps, nodes)])
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = total
-        elif first.op == "call_function" and first.target is WAIT:
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = interp.env[node.args[0]]
-        else:
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = interp.run_node(node)
-    raise AssertionError("shard graphs have no output node")
-
-
 # -- the plan -----------------------------------------------------------------------------------
-
-def _block(node: torch.fx.Node) -> str:
-    """The transformer block a node belongs to: its module path up to the first layer index."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "(top)"
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    m = re.match(r"(.*?\.\d+)(\.|$)", path)
-    return m.group(1) if m else path or "(top)"
-
 
 def _shard_cost(gm, sh: Sharding, module, *, training: bool, optimizer, link_Bps: float,
                 fwd_bytes: int, bwd_bytes: int) -> StageCost:
@@ -342,10 +136,10 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
                 fingerprint: str) -> Plan:
     """Shard a captured, costed graph ``n`` ways (Megatron patterns found by ``analyze``)."""
     sh = analyze(gm, n)
-    sliced = _sliced_params(gm, sh)
+    sliced = sliced_params(gm, sh)
     modules = [build_shard(gm, sh, r, sliced=sliced) for r in range(n)]
-    collectives = tuple((_block(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
-    backward = tuple((_block(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(_input_of(seeds[0]))))
+    collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
+    backward = tuple((block_of(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(_input_of(seeds[0]))))
                      for seeds in _column_groups(sh))
     # an all-gather moves (n-1)/n of the tensor per device, half a ring all-reduce
     fwd_bytes = sum(b for *_, b in collectives) + sum(tensor_bytes(node_value(a)) for a in sh.gather) // 2

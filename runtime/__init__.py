@@ -1,11 +1,11 @@
 """fxpart runtime: execute a partition plan across processes with torch.distributed.
 
-Schedules are data (``runtime.schedules``); ``Runner`` interprets them, one stage (or tensor shard) per rank.
+Schedules are data (``partitioner.schedules``, below both planner and runtime); ``Runner`` interprets them, one stage (or tensor shard) per rank.
 """
 from .runner import Runner, StageError, merge_shards, merge_state_dicts
 from .tensor_runner import TensorRunner
 from .pipelining import PipeliningSchedule, pipelining_schedule
-from .schedules import Action, gpipe, one_f_one_b, simulate, to_chrome_trace
+from partitioner.schedules import Action, gpipe, one_f_one_b, simulate, to_chrome_trace
 from .launch import launch_local
 
 __all__ = ["Runner", "TensorRunner", "StageError", "merge_shards", "merge_state_dicts", "pipelining_schedule", "PipeliningSchedule",

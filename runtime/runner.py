@@ -1,7 +1,7 @@
 """``Runner``: run a pipeline ``Plan`` across processes, one stage per rank, with torch.distributed.
 
 Reads a ``Plan`` (stage GraphModules, ``in_spec``/``out_spec``, ``shared_params``) and
-interprets a schedule from ``runtime.schedules``. Activations go forward and gradients
+interprets a schedule from ``partitioner.schedules``. Activations go forward and gradients
 backward point-to-point between neighbouring ranks; every message is preceded by a small
 int64 header giving each tensor's dtype and shape, so micro-batch shapes need not be
 guessed from the plan's example batch.
@@ -28,7 +28,7 @@ from passes._util import flatten_inputs, tensors_of
 
 from partitioner.plan import concat_microbatches, split_microbatches
 
-from .schedules import Action, make_schedule
+from partitioner.schedules import Action, make_schedule
 
 __all__ = ["Runner", "StageError", "merge_state_dicts", "merge_shards"]
 

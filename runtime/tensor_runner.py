@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.fx
 
 from partitioner.plan import concat_microbatches, split_microbatches
-from partitioner.tensor import ALL_GATHER, ALL_REDUCE, LOCAL_SLICE, WAIT
+from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
+from passes._keys import LOCAL_SLICE
 from passes._keys import SHARD
 
 from .runner import Runner, _placeholder_shapes, _shapes, _split

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from runtime.schedules import (Action, format_schedule, gpipe, make_schedule, one_f_one_b, parse_schedule,
+from partitioner.schedules import (Action, format_schedule, gpipe, make_schedule, one_f_one_b, parse_schedule,
                                peak_in_flight, simulate, to_chrome_trace)
 
 SIZES = [(1, 1), (2, 1), (2, 2), (2, 4), (3, 5), (4, 4), (4, 8), (5, 3)]

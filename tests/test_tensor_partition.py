@@ -6,8 +6,8 @@ import torch
 
 from _models import MODELS
 from partitioner import partition
-from partitioner.sharding_rules import Shard
-from partitioner.tensor import ALL_GATHER, ALL_REDUCE
+from partitioner.sharding import Shard
+from partitioner.sharding import ALL_GATHER, ALL_REDUCE
 
 _SHARDED = {"gpt2", "llama", "bert", "t5", "vit", "mlp", "moe"}
 

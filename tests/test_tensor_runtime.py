@@ -161,8 +161,8 @@ def test_megatron_graph_gathers_a_vocabulary_parallel_head_with_an_autograd_gath
 
 
 def test_join_shards_undoes_the_fused_qkv_split():
-    from partitioner.sharding_rules import Shard
-    from partitioner.tensor import _local
+    from partitioner.sharding import Shard
+    from partitioner.sharding.rewrite import _local
     from runtime.tensor_runner import join_shards
     w = torch.arange(4 * 12.).reshape(4, 12)
     shard = Shard(1, 3)

@@ -8,7 +8,7 @@ sum (row-parallel: an all-reduce follows).
 A layout ``Shard(dim, blocks)`` says: view ``dim`` (size ``D``) as ``(blocks, n, D / (blocks n))``;
 shard ``r`` holds ``[:, r, :]``. ``blocks`` is 1 for a plain split, 3 for GPT-2's fused
 ``c_attn`` (q | k | v, each split by heads). Regions grow forward from seeds through per-op
-rules (a table keyed by ATen op, in ``sharding_ops``):
+rules (a table keyed by ATen op, in ``rules``):
 
 * column-parallel: a parameter matmul on a replicated input, split by output features;
 * expert-parallel: an einsum/bmm whose >= 3-D parameter splits on a batch dim (the experts dim
@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from passes._util import node_value
-from .sharding_ops import _RULES, Shard, _NoRule, _pointwise, _shape, _subscripts
+from .rules import _RULES, Shard, _NoRule, _pointwise, _shape, _subscripts
 
 __all__ = ["Shard", "Sharding", "analyze", "seed_input", "MATMULS"]
 

@@ -1,4 +1,4 @@
-"""Small built-in models for demos, tests and benchmarks (no downloads, no extra packages).
+"""Small built-in models (no downloads, no extra packages).
 
 Each factory returns ``(model, example_inputs)``.
 """

@@ -3,22 +3,20 @@
 A table keyed by ATen overload (``@rule(...)``); each rule takes the trial region and the
 node and returns the output's layout (None: replicated), or raises ``_NoRule`` so the
 region is dropped whole. Reads fake values (``node.meta["val"]``); writes nothing. The
-analysis that grows regions with these rules is ``sharding_rules``.
+analysis that grows regions with these rules is ``regions``; a rule's first argument is its ``_Trial``.
 """
 from __future__ import annotations
 
 import math
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.fx
 
 from passes._util import node_value
 
-if TYPE_CHECKING:
-    from .sharding_rules import _Trial
 
 __all__ = ["Shard", "rule", "reshape_layout"]
 
@@ -85,7 +83,7 @@ def _tensor_args(node):
       aten.alias.default, aten.detach.default, aten.contiguous.default, aten.where.ScalarOther,
       aten.where.ScalarSelf, aten.__and__.Tensor, aten.__or__.Tensor, aten.masked_fill.Scalar,
       aten.masked_fill.Tensor, aten.type_as.default, aten.lift_fresh_copy.default)
-def _pointwise(t: _Trial, node):
+def _pointwise(t: "_Trial", node):
     """Elementwise with broadcasting: every sharded input on the same (right-aligned) dim; replicated
     inputs that span that dim are sliced locally."""
     out_nd = len(_shape(node))
@@ -120,7 +118,7 @@ def _fresh(t, node):
 
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
       aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
-def _reshape(t: _Trial, node):
+def _reshape(t: "_Trial", node):
     s = t.lay(node.args[0])
     return reshape_layout(_shape(node.args[0]), _shape(node), s, t.n, node)
 
@@ -177,14 +175,14 @@ def _dim_groups(a, b) -> list[tuple[list[int], list[int]]]:
 
 
 @rule(aten.expand.default)
-def _expand(t: _Trial, node):
+def _expand(t: "_Trial", node):
     s = t.lay(node.args[0])
     d = s.dim + len(_shape(node)) - len(_shape(node.args[0]))
     return Shard(d, s.blocks)
 
 
 @rule(aten.transpose.int, aten.t.default)
-def _transpose(t: _Trial, node):
+def _transpose(t: "_Trial", node):
     s = t.lay(node.args[0])
     nd = len(_shape(node))
     d0, d1 = (node.args[1] % nd, node.args[2] % nd) if node.target == aten.transpose.int else (0, 1)
@@ -192,14 +190,14 @@ def _transpose(t: _Trial, node):
 
 
 @rule(aten.permute.default)
-def _permute(t: _Trial, node):
+def _permute(t: "_Trial", node):
     s = t.lay(node.args[0])
     dims = [d % len(node.args[1]) for d in node.args[1]]
     return Shard(dims.index(s.dim), s.blocks)
 
 
 @rule(aten.slice.Tensor)
-def _slice(t: _Trial, node):
+def _slice(t: "_Trial", node):
     s = t.lay(node.args[0])
     shape = _shape(node.args[0])
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
@@ -209,7 +207,7 @@ def _slice(t: _Trial, node):
 
 
 @rule(aten.select.int)
-def _select(t: _Trial, node):
+def _select(t: "_Trial", node):
     s = t.lay(node.args[0])
     dim = node.args[1] % len(_shape(node.args[0]))
     if dim == s.dim:
@@ -218,7 +216,7 @@ def _select(t: _Trial, node):
 
 
 @rule(aten.split.Tensor, aten.split_with_sizes.default)
-def _split(t: _Trial, node):
+def _split(t: "_Trial", node):
     s = t.lay(node.args[0])
     shape = _shape(node.args[0])
     dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
@@ -238,13 +236,13 @@ def _split(t: _Trial, node):
 
 
 @rule(operator.getitem)
-def _getitem(t: _Trial, node):
+def _getitem(t: "_Trial", node):
     s = t.lay(node.args[0])
     return s[node.args[1]] if isinstance(s, tuple) else None
 
 
 @rule(aten.cat.default)
-def _cat(t: _Trial, node):
+def _cat(t: "_Trial", node):
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node))
     target = next(t.lay(a) for a in node.args[0] if t.lay(a) is not None)
     if target.dim == dim:
@@ -258,7 +256,7 @@ def _cat(t: _Trial, node):
 
 
 @rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
-def _reduce_dims(t: _Trial, node):
+def _reduce_dims(t: "_Trial", node):
     s = t.lay(node.args[0])
     nd = len(_shape(node.args[0]))
     dims = node.args[1] if len(node.args) > 1 else None
@@ -275,7 +273,7 @@ def _reduce_dims(t: _Trial, node):
 
 
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
-def _softmax(t: _Trial, node):
+def _softmax(t: "_Trial", node):
     s = t.lay(node.args[0])
     if node.args[1] % len(_shape(node)) == s.dim:
         raise _NoRule(f"{node.name}: softmax over the sharded dim")
@@ -283,7 +281,7 @@ def _softmax(t: _Trial, node):
 
 
 @rule(aten.layer_norm.default)
-def _layer_norm(t: _Trial, node):
+def _layer_norm(t: "_Trial", node):
     s = t.lay(node.args[0])
     if s is None or s.dim >= len(_shape(node)) - len(node.args[1]):
         raise _NoRule(f"{node.name}: layer norm over the sharded dim, or a sharded weight")
@@ -291,7 +289,7 @@ def _layer_norm(t: _Trial, node):
 
 
 @rule(aten.scaled_dot_product_attention.default)
-def _sdpa(t: _Trial, node):
+def _sdpa(t: "_Trial", node):
     q, k, v = node.args[:3]
     lays = [t.lay(a) for a in (q, k, v)]
     target = next(s for s in lays if s is not None)
@@ -317,7 +315,7 @@ def _sdpa(t: _Trial, node):
 
 
 @rule(aten.linear.default)
-def _linear(t: _Trial, node):
+def _linear(t: "_Trial", node):
     x, w = node.args[:2]
     b = node.args[2] if len(node.args) > 2 else None
     s = t.lay(x)
@@ -331,7 +329,7 @@ def _linear(t: _Trial, node):
 
 
 @rule(aten.addmm.default)
-def _addmm(t: _Trial, node):
+def _addmm(t: "_Trial", node):
     b, x, w = node.args[:3]
     if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         raise _NoRule(f"{node.name}: addmm with alpha/beta")
@@ -348,7 +346,7 @@ def _addmm(t: _Trial, node):
 
 
 @rule(aten.mm.default, aten.bmm.default, aten.matmul.default)
-def _matmul(t: _Trial, node):
+def _matmul(t: "_Trial", node):
     a, b = node.args[:2]
     sa, sb = t.lay(a), t.lay(b)
     na, nb, no = len(_shape(a)), len(_shape(b)), len(_shape(node))
@@ -385,7 +383,7 @@ def _matmul(t: _Trial, node):
 
 
 @rule(aten.einsum.default)
-def _einsum(t: _Trial, node):
+def _einsum(t: "_Trial", node):
     """Sharded operands agree on one letter; kept in the output it stays sharded, contracted it gives partial sums."""
     parsed = _subscripts(node)
     if parsed is None:

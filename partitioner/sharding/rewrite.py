@@ -1,0 +1,237 @@
+"""Rewrite a captured graph into shard ``r`` of a tensor-parallel plan.
+
+Reads a captured graph and the ``Sharding`` of ``regions.analyze``; writes new shard
+GraphModules (never the input graph). Each shard holds its slice of the sharded weights and
+the replicated ones; view/reshape/expand/split sizes are rewritten to local sizes; every
+row-parallel matmul is followed by an explicit ``_c10d_functional.all_reduce`` +
+``wait_tensor`` (its bias added once, after the reduce), as is a sum over a sharded experts
+dim and a vocabulary-parallel embedding (ids outside a shard's rows read zeros); a sharded
+model output (a vocabulary-parallel LM head) is all-gathered there (``all_gather_into_tensor``
++ ``wait_tensor``). Under ``torch.distributed`` those nodes are real collectives;
+``simulate`` runs all shards in lockstep in one process and sums or concatenates instead.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx
+
+from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
+from passes._util import fetch_attr, node_value, tensor_bytes
+from .regions import Sharding
+from .rules import Shard
+
+__all__ = ["build_shard", "sliced_params", "simulate", "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]
+
+aten = torch.ops.aten
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+_SHAPE_ARG = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+
+
+# -- building shards ----------------------------------------------------------------------------
+
+def _local(x, shape, shard: Shard, r: int, n: int, call):
+    """Shard ``r`` of ``x`` (a tensor or a graph node of ``shape``) under ``shard``; ``call(op, args)`` applies an op."""
+    d, blocks = shard.dim, shard.blocks
+    chunk = shape[d] // (blocks * n)
+    if blocks == 1:
+        return call(aten.slice.Tensor, (x, d, r * chunk, (r + 1) * chunk))
+    x = call(aten.view.default, (x, [*shape[:d], blocks, n * chunk, *shape[d + 1:]]))
+    x = call(aten.slice.Tensor, (x, d + 1, r * chunk, (r + 1) * chunk))
+    return call(aten.reshape.default, (x, [*shape[:d], blocks * chunk, *shape[d + 1:]]))
+
+
+def sliced_params(gm, sh: Sharding) -> dict:
+    """get_attr node -> Shard, where every user wants the parameter sliced the same way (else sliced at run time)."""
+    wanted: dict = {}
+    for (user, arg), shard in sh.convert.items():
+        if arg.op == "get_attr":
+            wanted.setdefault(arg, set()).add(shard)
+    return {arg: next(iter(s)) for arg, s in wanted.items()
+            if len(s) == 1 and all((u, arg) in sh.convert for u in arg.users)}
+
+
+def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: str = "0",
+                sliced: dict | None = None) -> torch.fx.GraphModule:
+    """Shard ``r`` of ``gm`` as a plain GraphModule: local weights, local shapes, explicit all-reduces."""
+    n = sh.n
+    sliced = sliced_params(gm, sh) if sliced is None else sliced
+    graph = torch.fx.Graph()
+    env: dict = {}
+    attrs: dict = {}
+    local_of: dict = {}
+
+    def call(op, args):
+        new = graph.call_function(op, tuple(args))
+        new.meta[LOCAL_SLICE] = True
+        return new
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+        elif node.op == "get_attr":
+            value = fetch_attr(gm, node.target)
+            if node in sliced:
+                local = _local(value.detach(), tuple(value.shape), sliced[node], r, n, lambda op, a: op(*a))
+                value = torch.nn.Parameter(local.clone(), requires_grad=value.requires_grad) \
+                    if isinstance(value, torch.nn.Parameter) else local.clone()
+            attrs[node.target] = value
+            env[node] = graph.get_attr(node.target)
+        elif node.op == "call_module":
+            attrs[node.target] = gm.get_submodule(node.target)
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        elif node.op == "output":
+            gathered = {a: _emit_gather(graph, a, env[a], sh.layout[a].dim, n, group_name) for a in sh.gather}
+            env[node] = graph.output(torch.fx.map_arg(node.args[0], lambda a: gathered.get(a, env[a])))
+        else:
+            def arg_of(a, user=node):
+                shard = sh.convert.get((user, a))
+                if shard is None or a in sliced:
+                    return env[a]
+                key = (a, shard)
+                if key not in local_of:
+                    local_of[key] = _local(env[a], tuple(node_value(a).shape), shard, r, n, call)
+                return local_of[key]
+            env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
+                _copy_local(graph, node, arg_of, sh)
+        env[node].meta.update({k: v for k, v in node.meta.items() if k not in env[node].meta})
+        if node in sh.layout:
+            env[node].meta[SHARD] = sh.layout[node]
+    graph.lint()
+    return _module(attrs, graph, f"Shard{r}")
+
+
+def _module(attrs: dict, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModule:
+    module = torch.fx.GraphModule(attrs, graph, class_name=name)
+    for target, value in attrs.items():     # buffers stay buffers (state_dict, .to())
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            owner_path, _, leaf = target.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            delattr(owner, leaf)
+            owner.register_buffer(leaf, value)
+    return module
+
+
+def _copy_local(graph, node, arg_of, sh: Sharding):
+    """Copy ``node``; a sharded view/reshape/expand/split gets its local sizes."""
+    new = graph.node_copy(node, arg_of)
+    src = node.args[0] if node.args else None
+    if node.target in _SHAPE_ARG and node in sh.layout and src in sh.layout:
+        sizes = list(new.args[1])
+        d = sh.layout[node].dim
+        if isinstance(sizes[d], int) and sizes[d] != -1:
+            sizes[d] //= sh.n
+        new.args = (new.args[0], sizes, *new.args[2:])
+    elif node.target in (aten.split.Tensor, aten.split_with_sizes.default) and src in sh.layout:
+        dim = (node.args[2] if len(node.args) > 2 else 0) % node_value(src).dim()
+        if dim == sh.layout[src].dim:
+            sizes = new.args[1]
+            sizes = sizes // sh.n if isinstance(sizes, int) else [z // sh.n for z in sizes]
+            new.args = (new.args[0], sizes, *new.args[2:])
+    return new
+
+
+def _emit_reduce(graph, node, arg_of, group_name: str, *, r: int, n: int):
+    """A row-parallel matmul on local operands, all-reduced (sum) over the shards, then its bias once."""
+    target, args = node.target, node.args
+    bias = None
+    if target == aten.embedding.default:
+        y = _local_lookup(graph, node, arg_of, r=r, n=n)
+    elif target == aten.linear.default:
+        y = graph.call_function(target, (arg_of(args[0]), arg_of(args[1])))
+        bias = args[2] if len(args) > 2 else None
+    elif target == aten.addmm.default:
+        y = graph.call_function(aten.mm.default, (arg_of(args[1]), arg_of(args[2])))
+        bias = args[0]
+    else:                   # mm, bmm, matmul, einsum, a sum over the sharded dim: copied on local operands
+        y = graph.node_copy(node, arg_of)
+    y.meta = dict(node.meta)
+    nbytes = tensor_bytes(node_value(node))
+    reduced = graph.call_function(ALL_REDUCE, (y, "sum", group_name))
+    out = graph.call_function(WAIT, (reduced,))
+    for new in (reduced, out):
+        new.meta = {k: v for k, v in node.meta.items() if k != COST}
+    reduced.meta[COLLECTIVE] = {"kind": "all_reduce", "bytes": nbytes, "block": block_of(node)}
+    if isinstance(bias, torch.fx.Node):
+        out = graph.call_function(aten.add.Tensor, (out, arg_of(bias)))
+        out.meta = {k: v for k, v in node.meta.items() if k != COST}
+    return out
+
+
+def _emit_gather(graph, node, local, dim: int, n: int, group_name: str):
+    """The full value of sharded ``node`` on every shard: gathered along dim 0, so the sharded dim moves there."""
+    front = graph.call_function(aten.movedim.int, (local, dim, 0))
+    front = graph.call_function(aten.contiguous.default, (front,))
+    gathered = graph.call_function(ALL_GATHER, (front, n, group_name))
+    out = graph.call_function(WAIT, (gathered,))
+    out = graph.call_function(aten.movedim.int, (out, 0, dim))
+    gathered.meta[COLLECTIVE] = {"kind": "all_gather", "bytes": tensor_bytes(node_value(node)), "block": block_of(node)}
+    out.meta["val"] = node_value(node)
+    return out
+
+
+def _local_lookup(graph, node, arg_of, *, r: int, n: int):
+    """Shard r's rows ``[start, end)`` of an embedding table: ids outside them look up row 0, then read zeros."""
+    weight, ids, *rest = node.args
+    chunk = node_value(weight).shape[0] // n
+    start, end = r * chunk, (r + 1) * chunk
+
+    def call(op, *a):
+        new = graph.call_function(op, a)
+        new.meta[LOCAL_SLICE] = True         # inside the region: the runner adds no f between these
+        return new
+
+    ids = arg_of(ids)
+    mask = call(aten.bitwise_or.Tensor, call(aten.lt.Scalar, ids, start), call(aten.ge.Scalar, ids, end))
+    local = call(aten.masked_fill.Scalar, call(aten.sub.Scalar, ids, start), mask, 0)
+    if rest and rest[0] != -1:               # padding_idx: local on the shard holding it, else none
+        rest[0] = rest[0] - start if start <= rest[0] < end else -1
+    y = call(aten.embedding.default, arg_of(weight), local, *rest)
+    return call(aten.masked_fill.Scalar, y, call(aten.unsqueeze.default, mask, -1), 0.0)
+
+
+# -- running in one process ---------------------------------------------------------------------
+
+def simulate(modules: list[torch.fx.GraphModule], flat: list):
+    """Run every shard node by node in lockstep; an all-reduce sums the shards' values. Returns shard 0's outputs."""
+    interps = [torch.fx.Interpreter(m) for m in modules]
+    lists = [list(m.graph.nodes) for m in modules]
+    inputs = iter(flat)
+    for nodes in zip(*lists):
+        first = nodes[0]
+        if first.op == "placeholder":
+            value = next(inputs)
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = value
+        elif first.op == "output":
+            return torch.fx.map_arg(first.args[0], lambda a: interps[0].env[a])
+        elif first.op == "call_function" and first.target is ALL_REDUCE:
+            total = sum(interp.env[node.args[0]] for interp, node in zip(interps, nodes))
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = total
+        elif first.op == "call_function" and first.target is ALL_GATHER:
+            total = torch.cat([interp.env[node.args[0]] for interp, node in zip(interps, nodes)])
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = total
+        elif first.op == "call_function" and first.target is WAIT:
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = interp.env[node.args[0]]
+        else:
+            for interp, node in zip(interps, nodes):
+                interp.env[node] = interp.run_node(node)
+    raise AssertionError("shard graphs have no output node")
+
+
+
+def block_of(node: torch.fx.Node) -> str:
+    """The transformer block a node belongs to: its module path up to the first layer index."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "(top)"
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    m = re.match(r"(.*?\.\d+)(\.|$)", path)
+    return m.group(1) if m else path or "(top)"
