@@ -18,7 +18,7 @@ import torch.fx
 
 from passes._keys import COST
 from passes._util import fetch_attr, format_bytes, tensor_bytes
-from .graph_split import ComputeOrder, build_stage
+from .graph_split import ComputeOrder, build_stage, stage_outputs
 from .plan import Plan, Stage, StageCost
 
 __all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint", "stage_modules", "state_keys"]
@@ -195,8 +195,8 @@ def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], 
         for name, _ in module.named_parameters():
             holders.setdefault(id(fetch_attr(gm, name)), []).append((index, name))
         stages.append(Stage(index, module, cost, order.nodes[start].name, order.nodes[end - 1].name,
-                            tuple(n.name for n in (order.live_at(start) if start else [])),
-                            tuple(n.name for n in order.live_at(end)) if end < len(order) else ("(outputs)",)))
+                            tuple(n.name for n in (stage_outputs(order, start) if start else [])),
+                            tuple(n.name for n in stage_outputs(order, end)) if end < len(order) else ("(outputs)",)))
     shared = {entries[0][1]: [i for i, _ in entries] for entries in holders.values() if len(entries) > 1}
     info = getattr(gm.graph._codegen, "pytree_info", None)
     lb = lower_bound(costs, n_stages)

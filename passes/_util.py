@@ -10,18 +10,76 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["node_value", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
+from ._keys import EXAMPLE_VAL
+
+__all__ = ["node_value", "hint", "is_symbolic", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
            "format_seconds", "table"]
 
 
 def node_value(node: torch.fx.Node) -> Any:
-    """The fake value a node produces, from whichever dialect captured it (None if unknown)."""
+    """The value a node produces on the example batch, from whichever dialect captured it (None if unknown).
+
+    A graph captured with symbolic batch or sequence sizes carries symbolic fakes; this returns
+    them at the example's sizes (meta tensors with the sizes and strides the example had, plain
+    ints for SymInts), so every cost and shape reads the example. The graph's own ``val`` is not
+    changed; the example value is cached under ``fxpart.example_val``.
+    """
+    val = _raw_value(node)
+    if val is None or not is_symbolic(val):
+        return val
+    cached = node.meta.get(EXAMPLE_VAL)
+    if cached is None:
+        cached = node.meta[EXAMPLE_VAL] = _at_example(val)
+    return cached
+
+
+def _raw_value(node: torch.fx.Node) -> Any:
     for key in ("val", "example_value"):
         if key in node.meta:
             return node.meta[key]
     return node.meta.get("tensor_meta")
+
+
+def hint(x: Any) -> Any:
+    """A SymInt/SymFloat/SymBool at its example value (the value it had when captured); others unchanged."""
+    for kind, cast in ((torch.SymInt, int), (torch.SymFloat, float), (torch.SymBool, bool)):
+        if isinstance(x, kind):
+            value = x.node.hint
+            if value is None:
+                value = x.node.shape_env.size_hint(x.node.expr)
+            return cast(value)
+    return x
+
+
+def is_symbolic(value: Any) -> bool:
+    """Whether a value (or any tensor size or stride inside it) is symbolic."""
+    for v in tree_flatten(value)[0]:
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in (*v.shape, *_strides(v))):
+            return True
+    return False
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    try:
+        return tuple(t.stride())
+    except RuntimeError:          # sparse and other layouts without strides
+        return ()
+
+
+def _at_example(value: Any) -> Any:
+    def concrete(v):
+        if isinstance(v, torch.Tensor) and is_symbolic(v):
+            sizes = [hint(d) for d in v.shape]
+            strides = [hint(d) for d in _strides(v)] or None
+            if strides is None:
+                return torch.empty(sizes, dtype=v.dtype, device="meta")
+            return torch.empty_strided(sizes, strides, dtype=v.dtype, device="meta")
+        return hint(v)
+    return tree_map(concrete, value)
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:
@@ -30,8 +88,8 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the elements a tensor addresses (not of its whole storage)."""
-    return t.numel() * t.element_size()
+    """Bytes of the elements a tensor addresses (not of its whole storage), at the example's sizes."""
+    return hint(t.numel()) * t.element_size()
 
 
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:

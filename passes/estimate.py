@@ -153,7 +153,7 @@ def estimate(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: d
         raise ValueError(f"optimizer={optimizer!r} only applies to a training step; pass training=True")
     spec = get_device_spec(device)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = capture(model_or_gm, args, kwargs)
+    gm = capture(model_or_gm, args, kwargs, dynamic=False)    # costs are of the example's shapes
     trace = simulate(gm, args, kwargs, training=training, optimizer=optimizer, loss_fn=loss_fn,
                      foreach=spec.foreach_optimizer)
     rows = annotate_costs(gm, trace, spec, training=training, node_times=node_times)

@@ -45,7 +45,9 @@ def _training_estimate(name: str):
 
 
 def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    """Compute nodes, less the symbolic sizes a stage recomputes from its inputs (they belong to no module)."""
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+            and n.target is not torch.ops.aten.sym_size.int]
 
 
 def _module_paths(node: torch.fx.Node) -> list[str]:

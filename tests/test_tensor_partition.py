@@ -136,7 +136,7 @@ def test_llama_grouped_kv_heads_shard_when_n_divides_them():
     _, _, _, plan = _plan("llama", 2)
     assert len(plan.sharding.row) == 4                   # o_proj and down_proj of both layers
     local = [n for n in plan.stages[0].module.graph.nodes if n.target is torch.ops.aten.expand.default]
-    assert any(list(n.args[1])[:2] == [2, 1] for n in local)   # repeat_kv expands 1 local KV head
+    assert any(len(n.args[1]) == 5 and n.args[1][1] == 1 for n in local)   # repeat_kv expands 1 local KV head
 
 
 def test_shard_rewrites_head_count_in_views():
