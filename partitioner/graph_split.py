@@ -10,7 +10,7 @@ A graph captured with symbolic sizes computes them once (``sym_size`` of an inpu
 them in every block's views. A stage recomputes such a size from a tensor it receives that
 carries the same symbol in its shape; where none does (a flattened batch), the size is an
 input of the stage, an int: every rank knows it from the batch's shapes
-(``size_values``), and in one process the stage before passes it along.
+(``input_specs``), and in one process the stage before passes it along.
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from passes._util import fetch_attr, node_value, tensor_bytes, tensors_of
+from passes._keys import EXAMPLE_VAL
+from passes._util import fetch_attr, hint, node_value, tensor_bytes, tensors_of
 
 _SYM_SIZE = torch.ops.aten.sym_size.int
 
-__all__ = ["ComputeOrder", "build_stage", "stage_outputs", "symbolic_size", "size_values"]
+__all__ = ["ComputeOrder", "build_stage", "stage_outputs", "symbolic_size", "input_specs"]
 
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
 
@@ -99,6 +100,14 @@ class ComputeOrder:
             out_floats.append(run_f)
             ok.append(run_b == 0)
         inputs = {sym for p in self.gm.graph.nodes if p.op == "placeholder" for sym, _ in _dim_symbols(p)}
+        for v, last in self.last_use.items():     # a tensor whose size depends on data cannot be received
+            start, end = self.position[v] + 1, last
+            val = v.meta.get("val")
+            if start <= end and isinstance(val, torch.Tensor) and any(
+                    str(sym) not in inputs for d in val.shape if isinstance(d, torch.SymInt)
+                    for sym in d.node.expr.free_symbols):
+                for k in range(start, min(end, n) + 1):
+                    ok[k] = False
         for v, start, end in sizes:
             needed = _expr_symbols(v)
             if not needed <= inputs:       # a data-dependent size: no rank can know it from the batch
@@ -128,14 +137,47 @@ def _expr_symbols(node: torch.fx.Node) -> set[str]:
     return {str(sym) for sym in node.meta["val"].node.expr.free_symbols}
 
 
-def size_values(module: torch.fx.GraphModule, symbols: dict[str, int]) -> dict[str, int]:
-    """Placeholder name -> value of every size input of a stage, for the batch whose symbols are ``symbols``."""
-    out = {}
+def input_specs(module: torch.fx.GraphModule, symbols: dict[str, int]) -> list[tuple] | None:
+    """What each placeholder of a stage takes for a batch whose symbols are ``symbols``:
+    ``("tensor", dtype, shape)`` or ``("int", value)``; None when a size depends on data.
+
+    A placeholder whose example value was rewritten to another size (a tensor-parallel shard of
+    a sharded activation) takes that size scaled the same way.
+    """
+    specs = []
     for node in module.graph.nodes:
-        if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.SymInt):
-            expr = node.meta["val"].node.expr
-            out[node.name] = int(expr.xreplace({sym: symbols[str(sym)] for sym in expr.free_symbols}))
-    return out
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            value = _evaluate(val, symbols)
+            if value is None:
+                return None
+            specs.append(("int", value))
+        elif isinstance(val, torch.Tensor):
+            local = node.meta.get(EXAMPLE_VAL)
+            shape = []
+            for i, d in enumerate(val.shape):
+                size = _evaluate(d, symbols)
+                if size is None:
+                    return None
+                if isinstance(local, torch.Tensor) and local.shape[i] != hint(d):
+                    size = size * local.shape[i] // hint(d)
+                shape.append(size)
+            specs.append(("tensor", val.dtype, tuple(shape)))
+        else:
+            specs.append(("const", val))
+    return specs
+
+
+def _evaluate(d, symbols: dict[str, int]) -> int | None:
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    try:
+        return int(expr.xreplace({sym: symbols[str(sym)] for sym in expr.free_symbols}))
+    except (KeyError, TypeError):
+        return None
 
 
 def _size_symbols(node: torch.fx.Node) -> set[str] | None:

@@ -8,7 +8,7 @@ dynamic programme over cut positions, vectorised over the stage's start.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -18,21 +18,27 @@ import torch.fx
 
 from passes._keys import COST
 from passes._util import fetch_attr, format_bytes, tensor_bytes
-from .graph_split import ComputeOrder, build_stage, stage_outputs
-from .plan import Plan, Stage, StageCost
+from .graph_split import ComputeOrder
 
-__all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint", "stage_modules", "state_keys"]
+__all__ = ["PipelineCosts", "solve_cuts", "memory_model", "stage_memory", "lower_bound", "in_flight", "explain_memory",
+           "SCHEDULES", "BALANCES", "OPT_STATE_PER_PARAM"]
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "gpipe")
 BALANCES = ("time", "flops")
-_OPT_STATE_PER_PARAM = {None: 0, "sgd": 0, "adamw": 2}
+OPT_STATE_PER_PARAM = {None: 0, "sgd": 0, "adamw": 2}
 
 
 @dataclass
 class PipelineCosts:
-    """Prefix sums over the compute order that make any stage's cost O(1)."""
+    """Prefix sums over the compute order that make any stage's cost O(1).
+
+    Costs are of the example batch on one device (``fraction`` 1). ``at_fraction(f)`` gives the
+    costs of one micro-batch that is ``f`` of it: time shrinks with the batch except each node's
+    ``fixed`` part (kernel launches and reading its weights), bytes of activations and crossings
+    shrink in proportion.
+    """
     order: ComputeOrder
     work: np.ndarray          # [n+1] prefix of the balanced quantity (seconds or FLOPs)
     comm: np.ndarray          # [n+1] seconds to move what crosses cut k (0 at both ends)
@@ -45,15 +51,24 @@ class PipelineCosts:
     total: float
     buffers: np.ndarray | None = None   # [n+1] prefix of buffer and constant bytes, each charged to its first reader
     reread: tuple = ()        # (bytes, is parameter, reader positions) of tensors read at several positions (tied)
+    node_time: np.ndarray | None = None    # [n] seconds of each node (forward + backward) on the whole example
+    node_fixed: np.ndarray | None = None   # [n] of that, what does not shrink with the batch
+    node_forward: np.ndarray | None = None  # [n] of node_time, the forward's
+    fraction: float = 1.0
+    link_Bps: float = 0.0
 
     @classmethod
-    def of(cls, gm: torch.fx.GraphModule, *, training: bool, link_Bps: float, balance: str) -> "PipelineCosts":
+    def of(cls, gm: torch.fx.GraphModule, *, training: bool, link_Bps: float, balance: str,
+           spec=None) -> "PipelineCosts":
         order = ComputeOrder.of(gm)
         costs = [n.meta[COST] for n in order.nodes]
+        node_time = np.array([c.time_s for c in costs], dtype=np.float64)
+        node_fixed = np.array([_fixed_s(n, c, spec, training) for n, c in zip(order.nodes, costs)]) \
+            if spec is not None else np.zeros(len(costs))
         if balance == "flops":
             work = np.array([c.flops + c.backward_flops for c in costs], dtype=np.float64)
         else:
-            work = np.array([c.time_s for c in costs], dtype=np.float64)
+            work = node_time
         crossing, floats, ok = order.crossing()
         moved = np.array(crossing, dtype=np.float64) + (np.array(floats, dtype=np.float64) if training else 0)
         comm = moved / link_Bps if balance == "time" else np.zeros(len(crossing))
@@ -66,7 +81,24 @@ class PipelineCosts:
         return cls(order, _prefix(work), comm, np.array(ok), _prefix(first_reader[0]), _prefix(saved),
                    np.array([c.output_bytes for c in costs], dtype=np.float64), crossing,
                    float(work.max(initial=0.0)), float(work.sum()), buffers=_prefix(first_reader[1]),
-                   reread=tuple(r for r in readers if len(r[2]) > 1))
+                   reread=tuple(r for r in readers if len(r[2]) > 1), node_time=node_time,
+                   node_fixed=np.minimum(node_fixed, node_time), link_Bps=link_Bps,
+                   node_forward=np.array([c.forward_time_s for c in costs], dtype=np.float64))
+
+    def at_fraction(self, f: float) -> "PipelineCosts":
+        """The costs of a micro-batch that is ``f`` of the example batch (time-balanced costs only)."""
+        if f == self.fraction:
+            return self
+        scale = f / self.fraction
+        if self.node_time is None or not self.link_Bps:   # FLOP-balanced: FLOPs shrink in proportion
+            work = self.work * scale
+            return dataclasses.replace(self, work=work, comm=self.comm * scale, unit_max=self.unit_max * scale,
+                                       total=self.total * scale, fraction=f)
+        node = f * (self.node_time - self.node_fixed) + self.node_fixed
+        return dataclasses.replace(self, work=_prefix(node), comm=self.comm * scale, saved=self.saved * scale,
+                                   out_bytes=self.out_bytes * scale, unit_max=float(node.max(initial=0.0)),
+                                   total=float(node.sum()), fraction=f,
+                                   crossing_bytes=[b * scale for b in self.crossing_bytes])
 
     def held_bytes(self, starts: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Parameter and buffer bytes of stages ``[start, end)`` for every start: each tensor they read, once."""
@@ -145,8 +177,13 @@ def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | Non
 
 
 def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedule: str, n_microbatches: int,
-                 optimizer: str | None):
-    """``memory_of(stage, starts, end)``: a stage's bytes for every start in ``starts`` (numpy)."""
+                 optimizer: str | None, dp: int = 1, dp_mode: str = "replicate", unit_param_bytes: float = 0.0):
+    """``memory_of(stage, starts, end)``: a stage's bytes per device for every start in ``starts`` (numpy).
+
+    ``costs`` are those of one micro-batch (``PipelineCosts.at_fraction``); ``dp``/``dp_mode`` say how
+    the parameter state is held; ``unit_param_bytes`` is the largest block's parameters (what a
+    sharded data-parallel stage gathers at a time when it reshards after each block).
+    """
     crossing = np.array(costs.crossing_bytes, dtype=np.float64)
 
     def memory_of(stage: int, starts: np.ndarray, end: int) -> np.ndarray:
@@ -155,103 +192,9 @@ def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedul
         params, buffers = costs.held_bytes(starts, end)
         return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
                             crossing[starts] + crossing[end], stage, n_stages, training=training,
-                            schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer)
+                            schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer, dp=dp,
+                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes)
     return memory_of
-
-
-def fingerprint(gm: torch.fx.GraphModule) -> str:
-    """A hash of the graph's structure (node names and ops) and parameter shapes: same architecture, same hash."""
-    h = hashlib.sha256()
-    for node in gm.graph.nodes:
-        h.update(f"{node.op}:{node.name}:{getattr(node.target, '__name__', node.target)};".encode())
-    for name, p in gm.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()[:16]
-
-
-def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], *, spec, training: bool,
-               schedule: str, n_microbatches: int, optimizer: str | None, balance: str, model: str) -> Plan:
-    """Stage GraphModules and their costs for the given cut positions."""
-    order = costs.order
-    bounds = [0] + list(cuts) + [len(order)]
-    stages, holders = [], {}
-    n_stages = len(bounds) - 1
-    memory_of = memory_model(costs, n_stages, training=training, schedule=schedule, n_microbatches=n_microbatches,
-                             optimizer=optimizer)
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        module = build_stage(order, start, end, name=f"Stage{index}")
-        node_costs = [n.meta[COST] for n in order.nodes[start:end]]
-        param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        saved = sum(c.saved_bytes for c in node_costs)
-        memory = float(memory_of(index, np.array([start]), end)[0])   # the same model the solver bounded
-        cost = StageCost(
-            flops=sum(c.flops for c in node_costs), backward_flops=sum(c.backward_flops for c in node_costs),
-            param_bytes=param_bytes, time_s=sum(c.time_s for c in node_costs),
-            comm_s=float(costs.comm[start] + costs.comm[end]) if balance == "time" else
-            float((_moved(costs, start, training) + _moved(costs, end, training)) / spec.link_bandwidth_Bps),
-            memory_bytes=int(memory), saved_bytes=int(saved // max(n_microbatches, 1)),
-            bytes_in=costs.crossing_bytes[start] if start else 0,
-            bytes_out=costs.crossing_bytes[end] if end < len(order) else 0, n_nodes=end - start)
-        for name, _ in module.named_parameters():
-            holders.setdefault(id(fetch_attr(gm, name)), []).append((index, name))
-        stages.append(Stage(index, module, cost, order.nodes[start].name, order.nodes[end - 1].name,
-                            tuple(n.name for n in (stage_outputs(order, start) if start else [])),
-                            tuple(n.name for n in stage_outputs(order, end)) if end < len(order) else ("(outputs)",)))
-    shared = {entries[0][1]: [i for i, _ in entries] for entries in holders.values() if len(entries) > 1}
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    lb = lower_bound(costs, n_stages)
-    if balance == "flops":   # report the bound in seconds like the stages
-        lb = max(sum(s.cost.time_s for s in stages) / n_stages,
-                 max(n.meta[COST].time_s for n in order.nodes))
-    return Plan(strategy="pipeline", stages=stages, device=spec, training=training, schedule=schedule,
-                n_microbatches=n_microbatches, lower_bound_s=lb,
-                cuts=tuple(order.nodes[c].name for c in cuts), shared_params=shared,
-                in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
-                model=model, fingerprint=fingerprint(gm), balance=balance)
-
-
-def stage_modules(gm: torch.fx.GraphModule, cuts: tuple[str, ...]) -> list[torch.fx.GraphModule]:
-    """Stage GraphModules of ``gm`` cut before the nodes named ``cuts`` (as ``Plan.cuts`` records them).
-
-    ``gm`` is another capture of the planned architecture (e.g. of one micro-batch): node names
-    are matched, not positions, so a capture that drops a shape-specialised node (a size-1
-    ``expand``) still maps.
-
-    Raises:
-        ValueError: a cut node is missing from ``gm`` or cannot be cut there.
-    """
-    order = ComputeOrder.of(gm)
-    by_name = {n.name: i for i, n in enumerate(order.nodes)}
-    ok = order.crossing()[2]
-    positions = []
-    for cut in cuts:
-        pos = by_name.get(cut)
-        if pos is None or not ok[pos]:
-            raise ValueError(f"the cut before {cut!r} does not exist in the micro-batch capture of the model (its "
-                             f"graph differs from the full batch's); use a larger micro-batch (batch / n_microbatches)")
-        positions.append(pos)
-    bounds = [0] + positions + [len(order)]
-    return [build_stage(order, start, end, name=f"Stage{i}") for i, (start, end) in enumerate(zip(bounds, bounds[1:]))]
-
-
-def state_keys(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[str, str]:
-    """``model.state_dict()`` key -> the name the stage ``modules`` hold that tensor under, by tensor identity.
-
-    Tied tensors (an embedding and its head) have several keys and one name. A key whose
-    tensor no stage holds keeps its own name (``full_state_dict`` then reports it missing).
-    """
-    held: dict[int, str] = {}
-    for module in modules:
-        for name, t in list(module.named_parameters(remove_duplicate=False)) + \
-                list(module.named_buffers(remove_duplicate=False)):
-            held.setdefault(id(t), name)
-    return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
-
-
-def _moved(costs: PipelineCosts, k: int, training: bool) -> float:
-    if k == 0 or k == len(costs.order):
-        return 0.0
-    return costs.crossing_bytes[k] * (2 if training else 1)
 
 
 def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) -> int:
@@ -262,25 +205,42 @@ def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) 
 
 
 def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossing_bytes, stage, n_stages, *,
-                 training: bool, schedule: str, n_microbatches: int, optimizer: str | None):
-    """Bytes one device needs for a stage (works on numpy arrays too).
+                 training: bool, schedule: str, n_microbatches: int, optimizer: str | None, dp: int = 1,
+                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0):
+    """Bytes one device needs for a stage (works on numpy arrays too); activations are one micro-batch's.
 
-    Training: parameters, their gradients and optimizer state, the activations of every
-    micro-batch in flight, plus one micro-batch's largest transient buffer and the
-    tensors crossing its cuts. Inference: parameters plus one batch's transients.
+    Training: parameters, their gradients and optimizer state (replicated: all of them; sharded
+    over ``dp`` ranks: ``1/dp`` of them plus the gathered working set: one block's parameters and
+    gradients when a lone stage reshards after each block, the whole stage's in a pipeline,
+    which keeps them gathered across its micro-batches), the activations of every micro-batch
+    in flight, one micro-batch's largest transient buffer and the tensors crossing its cuts.
+    Inference: parameters plus one micro-batch's transients.
     """
     m = max(n_microbatches, 1)
     if not training:
-        return param_bytes + buffer_bytes + (transient_bytes + crossing_bytes) / m
-    per_param = 2 + _OPT_STATE_PER_PARAM[optimizer]
+        return param_bytes + buffer_bytes + transient_bytes + crossing_bytes
+    state = param_bytes * (2 + OPT_STATE_PER_PARAM[optimizer])
+    if dp_mode == "shard" and dp > 1:
+        gathered = 2 * param_bytes if n_stages > 1 else 2 * np.minimum(unit_param_bytes or param_bytes, param_bytes)
+        state = state / dp + gathered
     inflight = in_flight(stage, n_stages, schedule=schedule, n_microbatches=m)
-    return param_bytes * per_param + buffer_bytes + inflight * saved_bytes / m + (transient_bytes + 2 * crossing_bytes) / m
+    return state + buffer_bytes + inflight * saved_bytes + transient_bytes + 2 * crossing_bytes
 
 
-def explain_memory(costs: PipelineCosts, n_stages: int, memory_of, limit: float) -> str:
-    """Per-stage memory of the time-optimal split, for the error message when nothing fits."""
+def explain_memory(costs: PipelineCosts, n_stages: int, memory_of) -> tuple[float, str]:
+    """The largest per-stage memory of the time-optimal split, and every stage's, for when nothing fits."""
     cuts = solve_cuts(costs, n_stages)
     bounds = [0] + cuts + [len(costs.order)]
     need = [float(memory_of(k, np.array([s]), e)[0]) for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    return ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(need)) + \
-        f" (limit {format_bytes(limit)})"
+    return max(need), ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(need))
+
+
+def _fixed_s(node, cost, spec, training: bool) -> float:
+    """The part of a node's time that a smaller batch does not shrink: launches and reading its weights."""
+    if not cost.time_s:
+        return 0.0
+    weights = sum(tensor_bytes(fetch_attr(node.graph.owning_module, a.target)) for a in node.all_input_nodes
+                  if a.op == "get_attr" and isinstance(fetch_attr(node.graph.owning_module, a.target), torch.Tensor))
+    launches = 1 + (2 if training and cost.backward_time_s else 0)
+    reads = 1 + (2 if training and cost.backward_time_s else 0)
+    return launches * spec.launch_s + reads * weights / spec.memory_bandwidth_Bps

@@ -13,3 +13,4 @@ COLLECTIVE = "fxpart.collective"  # on tensor-parallel shard nodes: {"kind", "by
 LOCAL_SLICE = "fxpart.local_slice"  # a shard node that slices a replicated value to its Shard (tensor plans)
 EXAMPLE_VAL = "fxpart.example_val"  # a symbolic node value at the example batch's sizes (read via _util.node_value)
 SIGNATURE = "fxpart.signature"  # on gm.meta: the InputSignature of a captured graph (names, dims, constants)
+ORIGIN = "fxpart.origin"       # on a rewritten graph's node: the name of the input graph's node it computes

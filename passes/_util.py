@@ -24,14 +24,16 @@ def node_value(node: torch.fx.Node) -> Any:
     A graph captured with symbolic batch or sequence sizes carries symbolic fakes; this returns
     them at the example's sizes (meta tensors with the sizes and strides the example had, plain
     ints for SymInts), so every cost and shape reads the example. The graph's own ``val`` is not
-    changed; the example value is cached under ``fxpart.example_val``.
+    changed; the example value is cached under ``fxpart.example_val``, where a rewrite that
+    changes a value's size (a tensor-parallel shard) records the new one.
     """
+    cached = node.meta.get(EXAMPLE_VAL)
+    if cached is not None:
+        return cached
     val = _raw_value(node)
     if val is None or not is_symbolic(val):
         return val
-    cached = node.meta.get(EXAMPLE_VAL)
-    if cached is None:
-        cached = node.meta[EXAMPLE_VAL] = _at_example(val)
+    cached = node.meta[EXAMPLE_VAL] = _at_example(val)
     return cached
 
 

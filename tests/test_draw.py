@@ -25,7 +25,7 @@ def costed_gpt():
 @pytest.fixture(scope="module")
 def plan(costed_gpt):
     model, inputs, _ = costed_gpt
-    return partition(model, 3, inputs, device="h100")
+    return partition(model, 3, inputs, strategy="pipeline", device="h100")
 
 
 def _graph(drawing):

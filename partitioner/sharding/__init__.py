@@ -2,8 +2,8 @@
 analysis that grows column-parallel regions to their row-parallel ends (``regions``), and the
 rewrite of the graph into shard GraphModules with explicit collectives (``rewrite``)."""
 from .regions import MATMULS, Sharding, analyze, seed_input
-from .rewrite import ALL_GATHER, ALL_REDUCE, WAIT, block_of, build_shard, simulate, sliced_params
+from .rewrite import ALL_GATHER, ALL_REDUCE, WAIT, block_of, build_shard, simulate, simulate_shards, sliced_params
 from .rules import Shard
 
-__all__ = ["Shard", "Sharding", "analyze", "seed_input", "MATMULS", "build_shard", "sliced_params", "simulate",
+__all__ = ["Shard", "Sharding", "analyze", "seed_input", "MATMULS", "build_shard", "sliced_params", "simulate", "simulate_shards",
            "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]

@@ -17,12 +17,12 @@ import re
 import torch
 import torch.fx
 
-from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
+from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, ORIGIN, SHARD
 from passes._util import fetch_attr, node_value, tensor_bytes
 from .regions import Sharding
 from .rules import Shard
 
-__all__ = ["build_shard", "sliced_params", "simulate", "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]
+__all__ = ["build_shard", "sliced_params", "simulate", "simulate_shards", "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]
 
 aten = torch.ops.aten
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
@@ -98,6 +98,7 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
             env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
                 _copy_local(graph, node, arg_of, sh)
         env[node].meta.update({k: v for k, v in node.meta.items() if k not in env[node].meta})
+        env[node].meta[ORIGIN] = node.name
         if node in sh.layout:
             env[node].meta[SHARD] = sh.layout[node]
     graph.lint()
@@ -197,17 +198,25 @@ def _local_lookup(graph, node, arg_of, *, r: int, n: int):
 
 def simulate(modules: list[torch.fx.GraphModule], flat: list):
     """Run every shard node by node in lockstep; an all-reduce sums the shards' values. Returns shard 0's outputs."""
+    return simulate_shards(modules, [flat] * len(modules))[0]
+
+
+def simulate_shards(modules: list[torch.fx.GraphModule], inputs: list[list]) -> list:
+    """Run every shard in lockstep on its own flat inputs (``inputs[r]`` for shard r); returns each shard's outputs.
+
+    Collectives are computed over the shards: an all-reduce sums their values, an all-gather
+    concatenates them on dim 0.
+    """
     interps = [torch.fx.Interpreter(m) for m in modules]
     lists = [list(m.graph.nodes) for m in modules]
-    inputs = iter(flat)
+    feeds = [iter(flat) for flat in inputs]
     for nodes in zip(*lists):
         first = nodes[0]
         if first.op == "placeholder":
-            value = next(inputs)
-            for interp, node in zip(interps, nodes):
-                interp.env[node] = value
+            for interp, node, feed in zip(interps, nodes, feeds):
+                interp.env[node] = next(feed)
         elif first.op == "output":
-            return torch.fx.map_arg(first.args[0], lambda a: interps[0].env[a])
+            return [torch.fx.map_arg(node.args[0], lambda a, i=interp: i.env[a]) for interp, node in zip(interps, nodes)]
         elif first.op == "call_function" and first.target is ALL_REDUCE:
             total = sum(interp.env[node.args[0]] for interp, node in zip(interps, nodes))
             for interp, node in zip(interps, nodes):
@@ -223,7 +232,6 @@ def simulate(modules: list[torch.fx.GraphModule], flat: list):
             for interp, node in zip(interps, nodes):
                 interp.env[node] = interp.run_node(node)
     raise AssertionError("shard graphs have no output node")
-
 
 
 def block_of(node: torch.fx.Node) -> str:

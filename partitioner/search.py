@@ -1,0 +1,264 @@
+"""Choosing the mesh: every ``dp x tp x pp`` and what goes under it, scored by the step simulator.
+
+Reads a captured, costed graph; writes nothing. ``Planner`` holds what every candidate shares
+(the graph's costs, and per tensor-parallel degree its shard graphs and their pipeline costs,
+each computed once); ``evaluate`` scores one candidate (mesh, micro-batches, schedule,
+data-parallel mode): the exact cuts for its micro-batch under the memory limit, then the
+simulated step (``simulate_step``). ``search`` tries them all and keeps the fastest that fits.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from passes._util import format_bytes, format_seconds
+from .pipeline import PipelineCosts, explain_memory, memory_model, solve_cuts
+from .plan import DP_MODES
+from .schedules import SCHEDULES
+from .simulate_step import StageTiming, simulate_plan
+
+__all__ = ["Planner", "Candidate", "meshes", "search"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One mesh and what goes under it, with its simulated step, or the reason it was rejected."""
+    mesh: dict
+    n_microbatches: int
+    schedule: str
+    data_parallel: str
+    step_time_s: float = math.inf
+    peak_bytes: int = 0
+    bubble_fraction: float = 0.0
+    comm_s: float = 0.0                   # communication time of the step (all axes, before overlap)
+    positions: tuple = ()                 # cut positions in the graph a device runs
+    cost: object = None                   # plan.PlanCost
+    reason: str = ""                      # why it was rejected ("" when it fits)
+    need_bytes: float = 0.0               # rejected for memory: the largest device's need
+    need_text: str = ""                   # and every stage's
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    def label(self) -> str:
+        mesh = " x ".join(f"{k}{self.mesh[k]}" for k in ("dp", "tp", "pp"))
+        extra = f", {self.data_parallel}" if self.mesh["dp"] > 1 else ""
+        sched = f", {self.schedule}" if self.mesh["pp"] > 1 else ""
+        return f"{mesh}, m={self.n_microbatches}{sched}{extra}"
+
+    def summary(self) -> str:
+        if self.reason:
+            return f"{self.label()}: rejected, {self.reason}"
+        return (f"{self.label()}: step {format_seconds(self.step_time_s)}, peak {format_bytes(self.peak_bytes)}, "
+                f"bubble {self.bubble_fraction:.1%}, comm {format_seconds(self.comm_s)}")
+
+
+@dataclass
+class _Graphs:
+    """What one tensor-parallel degree needs: the shard graphs (tp > 1) and the pipeline costs of the first."""
+    info: object
+    shards: list | None
+    costs: PipelineCosts
+    forward_share: np.ndarray      # [n+1] prefix of forward seconds (whole example), to split stage time
+    unit_param_bytes: float
+
+
+@dataclass
+class Planner:
+    """Everything the candidates of one model share; ``evaluate`` scores one of them."""
+    gm: torch.fx.GraphModule
+    spec: object
+    training: bool
+    optimizer: str | None
+    balance: str = "time"
+    memory_limit: float | None = None
+    devices_per_node: int = 8
+    batch: int = 1                          # the example's global batch (dim 0)
+    _graphs: dict = field(default_factory=dict)
+
+    def graphs(self, tp: int) -> _Graphs:
+        if tp not in self._graphs:
+            self._graphs[tp] = self._make_graphs(tp)
+        return self._graphs[tp]
+
+    def _make_graphs(self, tp: int) -> _Graphs:
+        info, shards, graph = None, None, self.gm
+        if tp > 1:
+            from .tensor import shard_graph
+            info, shards = shard_graph(self.gm, tp, spec=self.spec, training=self.training,
+                                       devices_per_node=self.devices_per_node)
+            graph = shards[0]
+        costs = PipelineCosts.of(graph, training=self.training, link_Bps=self.spec.link_bandwidth_Bps,
+                                 balance=self.balance, spec=self.spec)
+        forward = np.concatenate([[0.0], np.cumsum(costs.node_forward)])
+        return _Graphs(info, shards, costs, forward, _largest_unit_params(costs))
+
+    # -- one candidate ------------------------------------------------------------------------
+    def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
+                 positions: list[int] | None = None) -> Candidate:
+        """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step."""
+        dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
+        base = Candidate(dict(mesh), m, schedule, data_parallel)
+        if self.batch % (dp * m):
+            return _reject(base, f"the batch of {self.batch} does not split into dp x micro-batches = {dp * m}")
+        g = self.graphs(tp)
+        if tp > 1 and not g.info.row and not g.info.expert:
+            return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
+        n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
+        if pp - 1 > n_cuttable:
+            return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
+        costs = g.costs.at_fraction(1.0 / (dp * m))
+        memory_of = memory_model(costs, pp, training=self.training, schedule=schedule, n_microbatches=m,
+                                 optimizer=self.optimizer, dp=dp, dp_mode=data_parallel,
+                                 unit_param_bytes=g.unit_param_bytes)
+        limit = self.memory_limit
+        if positions is None:
+            try:
+                positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of)
+            except ValueError:
+                need, text = explain_memory(costs, pp, memory_of)
+                return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
+        bounds = [0] + list(positions) + [len(costs.order)]
+        timings = [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+        peak = max(t.memory_bytes for t in timings)
+        if limit is not None and peak > limit:
+            text = ", ".join(f"stage {k}: {format_bytes(t.memory_bytes)}" for k, t in enumerate(timings))
+            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", peak, text)
+        cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
+                             spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
+                             optimizer=self.optimizer)
+        return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
+                         bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
+                         positions=tuple(positions), cost=cost)
+
+    def _timing(self, g: _Graphs, costs: PipelineCosts, memory_of, k: int, start: int, end: int) -> StageTiming:
+        time = float(costs.work[end] - costs.work[start])
+        whole = float(g.costs.work[end] - g.costs.work[start])
+        share = float(g.forward_share[end] - g.forward_share[start]) / whole if whole else 1.0
+        nodes = costs.order.nodes[start:end]
+        collective = [n.meta["fxpart.cost"] for n in nodes if n.meta["fxpart.cost"].op in ("all_reduce", "all_gather")]
+        fraction = costs.fraction
+        params, _ = costs.held_bytes(np.array([start]), end)
+        floats = _float_crossing(costs, end)
+        return StageTiming(forward_s=time * share, backward_s=time * (1 - share) if self.training else 0.0,
+                           send_bytes=float(costs.crossing_bytes[end]) if end < len(costs.order) else 0.0,
+                           grad_bytes=floats, collective_s=fraction * sum(c.time_s for c in collective),
+                           collective_bytes=fraction * sum(c.output_bytes for c in collective),
+                           param_bytes=float(params[0]), n_units=_units(nodes),
+                           memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
+
+
+def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:
+    return Candidate(base.mesh, base.n_microbatches, base.schedule, base.data_parallel, reason=reason,
+                     need_bytes=need, need_text=text)
+
+
+def _float_crossing(costs: PipelineCosts, end: int) -> float:
+    if end >= len(costs.order):
+        return 0.0
+    return float(costs.crossing_bytes[end])     # gradients of the floats crossing: at most the same bytes
+
+
+def _block_key(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values()]
+    for path in paths:
+        parts = path.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                return ".".join(parts[:i + 1])
+    return ""
+
+
+def _units(nodes) -> int:
+    return max(1, len({_block_key(n) for n in nodes} - {""}))
+
+
+def _largest_unit_params(costs: PipelineCosts) -> float:
+    """Parameter bytes of the largest block (``...layers.3``) of the graph: what a sharded stage gathers at once."""
+    per: dict[str, float] = {}
+    prefix = costs.params
+    for i, node in enumerate(costs.order.nodes):
+        per[_block_key(node)] = per.get(_block_key(node), 0.0) + float(prefix[i + 1] - prefix[i])
+    return max(per.values(), default=0.0)
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+def meshes(n_devices: int, *, devices_per_node: int = 8, fixed: dict | None = None) -> list[dict]:
+    """Every ``{"dp", "tp", "pp"}`` with product ``n_devices`` (tp within a node when it can be), or the fixed one."""
+    if fixed is not None:
+        return [dict(fixed)]
+    out = []
+    for tp in _divisors(n_devices):
+        for pp in _divisors(n_devices // tp):
+            out.append({"dp": n_devices // tp // pp, "tp": tp, "pp": pp})
+    in_node = [mesh for mesh in out if mesh["tp"] <= devices_per_node]
+    return in_node or out
+
+
+def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: int | None, schedule: str | None,
+           data_parallel: str | None, positions: list[int] | None = None) -> tuple[Candidate, list[Candidate]]:
+    """The fastest candidate that fits, and every candidate tried (with the rejected ones' reasons).
+
+    ``positions`` pins the cuts (one mesh only).
+
+    Raises:
+        ValueError: no candidate fits; the message says what the closest ones need.
+    """
+    tried = []
+    for mesh in candidate_meshes:
+        best_here = None
+        for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
+            for sched in ([schedule] if schedule else (["1f1b", "gpipe"] if mesh["pp"] > 1 else ["1f1b"])):
+                for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
+                    c = planner.evaluate(mesh, m, sched, mode, positions=positions)
+                    tried.append(c)
+                    if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
+                        best_here = c
+        log.debug("mesh %s: best %s", mesh, best_here.summary() if best_here else "none fits")
+    fitting = [c for c in tried if c.fits]
+    if not fitting:
+        raise ValueError(_nothing_fits(tried, planner.memory_limit))
+    best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
+    return best, tried
+
+
+def _nothing_fits(tried: list[Candidate], limit) -> str:
+    """Why no candidate fits: the least memory any needed (when memory was the reason), then every reason."""
+    by_memory = [c for c in tried if c.need_bytes]
+    head = ""
+    if by_memory:
+        least = min(by_memory, key=lambda c: c.need_bytes)
+        head = (f"memory_limit={format_bytes(limit)} per device; the least memory needs {least.need_text} "
+                f"({least.label()}). Try more devices, more micro-batches (n_microbatches), a smaller batch, "
+                f"data_parallel='shard', or passes.recompute to save activations\n")
+    lines = sorted({c.summary() for c in tried})
+    return (head or "any mesh: every candidate was rejected\n") + "candidates:\n  " + "\n  ".join(lines[:12]) + (f"\n  ... {len(lines) - 12} more" if len(lines) > 12
+                                                                   else "")
+
+
+def _microbatch_counts(batch: int, mesh: dict, pinned: int | None) -> list[int]:
+    if pinned is not None:
+        return [pinned]
+    per_replica = batch // mesh["dp"] if batch % mesh["dp"] == 0 else 0
+    if per_replica == 0:
+        return [1]
+    counts = [d for d in _divisors(per_replica) if d <= 64]
+    if mesh["pp"] == 1:
+        counts = [d for d in counts if d <= 8]     # gradient accumulation, only to save activation memory
+    return counts
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+SCHEDULE_NAMES = tuple(SCHEDULES)

@@ -1,0 +1,126 @@
+"""Step time and per-device memory of a plan on a cluster: the objective the planner minimises.
+
+Reads per-stage timings of one micro-batch (``StageTiming``, from the cost model on the graph a
+device runs, tensor-parallel collectives included) and the mesh; writes nothing. The step is
+the schedule laid out micro-batch by micro-batch (``schedules.simulate``: bubbles, and each
+stage's sends to its neighbour on the pipeline link), then data-parallel gradient
+synchronisation and the optimizer step:
+
+* replicate: a ring all-reduce of the stage's gradients in buckets (25 MiB, as DDP) issued
+  while the last micro-batch's backward runs; only what outlasts that backward, and at least
+  the last bucket, is exposed;
+* shard (ZeRO-3 / FSDP2): parameters all-gathered before use (once per step in a pipeline,
+  which keeps them gathered; before the forward and again before the backward for a lone
+  stage, which reshards after each block) with the next block's gather overlapping the
+  current block's compute, and gradients reduce-scattered under the last backward.
+
+Links follow the mesh order ``(pp, dp, tp)`` with tp fastest-varying (as torchtitan lays it
+out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp group strides
+``tp`` ranks, pipeline neighbours ``dp * tp`` ranks; a group that leaves a node of
+``devices_per_node`` runs at the inter-node bandwidth.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .comm import all_gather_s, all_reduce_s, link_of, reduce_scatter_s, send_s
+from .pipeline import OPT_STATE_PER_PARAM
+from .plan import AxisCost, PlanCost
+from .schedules import make_schedule, simulate
+
+__all__ = ["StageTiming", "simulate_plan", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 25 * 2**20      # DDP's default bucket_cap_mb
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """One stage on one device, for one micro-batch (except the parameter bytes)."""
+    forward_s: float
+    backward_s: float
+    send_bytes: float          # activations sent to the next stage (gradients of the floats come back)
+    grad_bytes: float          # floating-point activations sent (their gradients return the same size)
+    collective_s: float        # of forward_s + backward_s: tensor-parallel collectives
+    param_bytes: float         # this device's parameters of the stage (a tp shard's)
+    collective_bytes: float = 0.0   # what those collectives move per device
+    n_units: int = 1           # blocks the stage holds (gather/bucket granularity)
+    memory_bytes: float = 0.0
+
+
+def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_microbatches: int,
+                  data_parallel: str, spec, devices_per_node: int, training: bool,
+                  optimizer: str | None) -> PlanCost:
+    """The simulated step of the global batch on ``mesh`` and the largest per-device memory."""
+    pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
+    m = n_microbatches
+    pp_link = link_of(spec, pp, stride=dp * tp, devices_per_node=devices_per_node) if pp > 1 else None
+    dp_link = link_of(spec, dp, stride=tp, devices_per_node=devices_per_node)
+    sends = [send_s(t.send_bytes, pp_link) if pp_link else 0.0 for t in timings]
+    forward = [t.forward_s for t in timings]
+    backward = [t.backward_s if training else 0.0 for t in timings]
+    actions = make_schedule(schedule if training else "gpipe", pp, m)
+    if not training:
+        actions = [[a for a in stage if a.kind == "F"] for stage in actions]
+    timeline = simulate(actions, forward, [b or 1e-12 for b in backward] if training else 0.0, send_s=sends)
+    ends = [spans[-1].end_s if spans else 0.0 for spans in timeline.spans]
+
+    dp_rows, exposed, opt_s = [], [], []
+    for t, end in zip(timings, ends):
+        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m)
+        dp_rows.append(sync)
+        exposed.append(hidden)
+        opt_s.append(_optimizer_s(t.param_bytes / (dp if data_parallel == "shard" else 1), optimizer, spec)
+                     if training else 0.0)
+    finish = [end + e + o for end, e, o in zip(ends, exposed, opt_s)]
+    step = max(finish)
+    busiest = max(range(pp), key=lambda s: m * (timings[s].forward_s + timings[s].backward_s))
+    axes = _axes(timings, sends, dp_rows, exposed, mesh=mesh, m=m, training=training, data_parallel=data_parallel)
+    peaks = tuple(int(t.memory_bytes) for t in timings)
+    return PlanCost(step_time_s=step, peak_bytes=max(peaks), stage_peak_bytes=peaks,
+                    compute_s=m * (timings[busiest].forward_s + timings[busiest].backward_s),
+                    bubble_fraction=timeline.bubble_fraction[busiest], optimizer_s=max(opt_s), axes=axes)
+
+
+def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int) -> tuple[tuple, float]:
+    """((what, bytes per device, seconds), exposed seconds) of one stage's data-parallel traffic per step."""
+    if dp <= 1 or not training:
+        return ("", 0, 0.0), 0.0
+    nbytes = t.param_bytes
+    units = max(t.n_units, math.ceil(nbytes / BUCKET_BYTES), 1)
+    if mode == "replicate":
+        total = all_reduce_s(nbytes, dp, link)
+        hidden = max(total - t.backward_s, total / units)
+        return ("gradient all-reduce", int(2 * (dp - 1) / dp * nbytes), total), hidden
+    gathers = 1 if m > 1 else 2            # a lone stage reshards after forward and gathers again for backward
+    gather = gathers * all_gather_s(nbytes, dp, link)
+    scatter = reduce_scatter_s(nbytes, dp, link)
+    hidden = max(gather - (t.forward_s + (t.backward_s if gathers == 2 else 0.0)), gather / units) + \
+        max(scatter - t.backward_s, scatter / units)
+    moved = int((gathers + 1) * (dp - 1) / dp * nbytes)
+    return ("parameter all-gather + gradient reduce-scatter", moved, gather + scatter), hidden
+
+
+def _optimizer_s(param_bytes: float, optimizer: str | None, spec) -> float:
+    """The optimizer's sweep: it reads parameters and gradients, reads and writes its state, writes parameters."""
+    state = OPT_STATE_PER_PARAM[optimizer]
+    return (3 + 2 * state) * param_bytes / spec.memory_bandwidth_Bps
+
+
+def _axes(timings, sends, dp_rows, exposed, *, mesh, m, training, data_parallel) -> tuple[AxisCost, ...]:
+    rows = []
+    if mesh["tp"] > 1:
+        total = max(m * t.collective_s for t in timings)
+        nbytes = max(m * t.collective_bytes for t in timings)
+        rows.append(AxisCost("tp", "all-reduce of row-parallel outputs" + (" and input gradients" if training else ""),
+                             int(nbytes), total, total))
+    if mesh["pp"] > 1:
+        nbytes = max(m * (t.send_bytes + (t.grad_bytes if training else 0)) for t in timings)
+        total = max(m * s * (2 if training else 1) for s in sends)
+        rows.append(AxisCost("pp", "activations forward" + (", gradients backward" if training else ""),
+                             int(nbytes), total, total))     # on the schedule's critical path
+    if mesh["dp"] > 1 and training:
+        worst = max(range(len(dp_rows)), key=lambda i: dp_rows[i][2])
+        what, nbytes, total = dp_rows[worst]
+        rows.append(AxisCost("dp", what + f" ({data_parallel})", nbytes, total, exposed[worst]))
+    return tuple(rows)

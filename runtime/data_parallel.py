@@ -1,0 +1,97 @@
+"""Data parallelism of one stage (or tensor shard) across its replicas, in a plan's two modes.
+
+Reads a stage's module and its data-parallel process group; writes gradients (replicate) or
+wraps the module (shard).
+
+* ``replicate``: every replica holds the stage's parameters; ``GradSync`` averages gradients
+  over the replicas the way DDP does: parameters in buckets (about 25 MiB, in reverse order of
+  first use, the order backward finishes them), and a bucket's all-reduce starts, without
+  waiting, as soon as the last micro-batch's backward has produced every gradient in it, so
+  communication overlaps the rest of the backward. DDP itself cannot serve a pipeline stage:
+  its reducer expects each forward's backward before the next forward, which 1F1B breaks.
+* ``shard`` (ZeRO-3 / FSDP2): ``torch.distributed.fsdp.fully_shard`` splits parameters,
+  gradients and optimizer state over the replicas, gathers parameters before use and
+  reduce-scatters gradients; ``set_requires_gradient_sync`` keeps the gradients of all but the
+  last micro-batch local. A lone stage reshards after its forward; a pipeline stage keeps its
+  parameters gathered across its micro-batches (as torchtitan does with pipelining).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["GradSync", "shard_module", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 25 * 2**20
+
+
+class GradSync:
+    """Bucketed, overlapped gradient averaging over a data-parallel group.
+
+    ``arm()`` before the last backward of a step; ``finish()`` after it waits for every bucket
+    and leaves each parameter's ``.grad`` averaged over the group.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], group, *, bucket_bytes: int = BUCKET_BYTES):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        current, nbytes = [], 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            current.append(p)
+            nbytes += p.numel() * p.element_size()
+            if nbytes >= bucket_bytes:
+                self.buckets.append(current)
+                current, nbytes = [], 0
+        if current:
+            self.buckets.append(current)
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._pending: list[int] = [0] * len(self.buckets)
+        self._works: dict[int, tuple] = {}
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for b in self.buckets for p in b]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: launch each bucket as soon as its gradients are final."""
+        self._armed = True
+        self._pending = [len(b) for b in self.buckets]
+        self._works = {}
+
+    def _ready(self, param: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        i = self._bucket_of[id(param)]
+        self._pending[i] -= 1
+        if self._pending[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[i]]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._works[i] = (dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True), flat)
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any a parameter's missing gradient held back) and average."""
+        if self.size == 1:
+            self._armed = False
+            return
+        for i in range(len(self.buckets)):
+            if i not in self._works:
+                self._launch(i)
+        for i, (work, flat) in sorted(self._works.items()):
+            work.wait()
+            flat /= self.size
+            offset = 0
+            for p in self.buckets[i]:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p).clone() if p.grad is None else \
+                    p.grad.copy_(flat[offset:offset + n].view_as(p))
+                offset += n
+        self._works = {}
+        self._armed = False
+
+
+def shard_module(module: torch.nn.Module, device_mesh, *, reshard_after_forward: bool) -> torch.nn.Module:
+    """``fully_shard`` a stage's module over the data-parallel axis of ``device_mesh`` (FSDP2)."""
+    from torch.distributed.fsdp import fully_shard
+    return fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward)
