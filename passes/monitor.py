@@ -5,13 +5,17 @@ optimizer step) on a copy of the model; writes nothing on the model. Every stora
 step allocates is followed from allocation to release by the same dispatch-mode tracker
 ``simulate`` runs on fake tensors (``torch.distributed._tools.mem_tracker.MemTracker``
 hooks every parameter and fails on frozen ones), so a measured figure and an estimated
-one count the same things. On CUDA the step's peak is the caching allocator's
-(``torch.cuda.max_memory_allocated``), less what the device held before that this step
-does not use.
+one count the same things. The step's peak is the allocator's, which also sees buffers
+kernels allocate and free inside themselves (a matmul's contiguous copy of a strided
+input): on CUDA the caching allocator's (``torch.cuda.max_memory_allocated``), on the CPU
+the CPU allocator's events recorded by ``torch.profiler`` (``profile_memory=True``), in
+both cases less what the device held before that this step does not use. Where neither is
+available (the profiler already running) it is the tracked storages' peak.
 """
 from __future__ import annotations
 
 import copy
+from functools import partial
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +50,7 @@ class MemoryReport:
     device: str
     optimizer: str | None = None
     loss: float = float("nan")
+    peak_source: str = "tracked"        # "allocator": CUDA's or the CPU allocator's (profiler); "tracked": storages
 
     def grouped(self, depth: int | None = None) -> dict[str, dict[str, int]]:
         """``by_module`` summed over paths cut to ``depth`` components (as ``Estimate.by_module``)."""
@@ -163,22 +168,48 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
     tracker = _Tracker({})
     resident = tracker.track_resident(list(model.parameters()), list(model.buffers()), tree_flatten((args, kwargs))[0],
                                       opt)
-    cuda = device.type == "cuda"
-    if cuda:
+    step = partial(_step, model, args, kwargs, tracker, opt, loss_fn, params)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         untracked = torch.cuda.memory_allocated(device) - tracker.live_total
         torch.cuda.reset_peak_memory_stats(device)
-    loss = _step(model, args, kwargs, tracker, opt, loss_fn, params)
-    peak = tracker.peak
-    if cuda:
+        loss = step()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - untracked
+        peak, source = torch.cuda.max_memory_allocated(device) - untracked, "allocator"
+    elif device.type == "cpu" and _can_profile():
+        loss, allocated = _cpu_allocator_peak(step)
+        peak, source = sum(resident.values()) + allocated, "allocator"
+    else:
+        loss = step()
+        peak, source = tracker.peak, "tracked"
     by_module = {k: {"output_bytes": v.output_bytes, "saved_bytes": v.saved_bytes}
                  for k, v in tracker.nodes.items() if v.output_bytes or v.saved_bytes}
     return MemoryReport(peak_bytes=peak, tracked_peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0],
                         peak_module=tracker.peak_at[1] or "(top)", peak_breakdown=dict(tracker.peak_breakdown),
                         resident=resident, by_module=by_module, device=str(device), optimizer=optimizer,
-                        loss=loss)
+                        loss=loss, peak_source=source)
+
+
+def _can_profile() -> bool:
+    """The profiler can record the CPU allocator's events here (it is not already running)."""
+    return torch.profiler.kineto_available() and not torch.autograd.profiler._is_profiler_enabled
+
+
+def _cpu_allocator_peak(step: Callable[[], Any]) -> tuple[Any, int]:
+    """``step()`` under the profiler: its result and the peak of bytes the CPU allocator handed out
+    during it above what was allocated before. This counts what no dispatched op shows: buffers
+    kernels allocate and free inside themselves (a matmul's copy of a strided input, attention
+    scratch)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak
 
 
 def _step(model, args, kwargs, tracker: _Tracker, opt, loss_fn, params) -> float:
