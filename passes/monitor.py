@@ -159,6 +159,7 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS} or None")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    _check_not_meta(model, args, kwargs)
     model = copy.deepcopy(model) if copy_model else model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -188,6 +189,18 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
                         peak_module=tracker.peak_at[1] or "(top)", peak_breakdown=dict(tracker.peak_breakdown),
                         resident=resident, by_module=by_module, device=str(device), optimizer=optimizer,
                         loss=loss, peak_source=source)
+
+
+def _check_not_meta(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    tensors = list(model.parameters()) + list(model.buffers()) + tree_flatten((args, kwargs))[0]
+    on_meta = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_meta]
+    if on_meta:
+        name = type(model).__name__
+        raise ValueError(
+            f"measure_step: {name} has {len(on_meta)} tensors (parameters, buffers or inputs) on the meta device, "
+            f"which hold no data, so there is no real step to measure. Measure the model with real weights and "
+            f"inputs (build it outside torch.device('meta'), or model.to_empty(device='cpu') then load a state "
+            f"dict), or estimate the meta model's step with passes.estimate(model, example_inputs, training=True)")
 
 
 def _can_profile() -> bool:

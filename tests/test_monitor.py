@@ -61,3 +61,8 @@ def test_estimate_equals_allocator_peak_where_the_lm_head_backward_copies_the_su
     assert est.peak_breakdown["temporary"] >= logits
     assert abs(est.peak_bytes - rep.peak_bytes) <= 0.001 * rep.peak_bytes
 
+
+def test_measure_step_on_meta_model_asks_for_real_weights_or_estimate():
+    model, inputs = tiny_gpt(n_layers=1, d_model=32, batch=2, seq=16, vocab_size=64, device="meta")
+    with pytest.raises(ValueError, match=r"TinyGPT .* meta device.*real weights.*passes\.estimate"):
+        measure_step(model, inputs)
