@@ -61,6 +61,7 @@ class NodeTrace:
     backward_flops: int = 0
     output_bytes: int = 0      # new storage its forward allocated (views: 0)
     saved_bytes: int = 0       # of that, storage kept for backward
+    flop_output_bytes: int = 0  # of output_bytes, outputs of ops that compute (FLOPs > 0): what a checkpoint keeps
     backward_bytes: int = 0    # storage its backward allocated (gradients, temporaries)
 
 
@@ -178,6 +179,7 @@ class _Tracker(TorchDispatchMode):
                 nbytes = self.track(t, category, owner) or 0
                 if self.phase == "forward":
                     trace.output_bytes += nbytes
+                    trace.flop_output_bytes += nbytes if flops else 0
                 elif self.phase == "backward":
                     trace.backward_bytes += nbytes
         if func in _KERNEL_COPIES:
@@ -267,9 +269,7 @@ class _FakeRunner(torch.fx.Interpreter):
         return super().get_attr(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
-        if target is torch.ops.aten.scaled_dot_product_attention.default and _meta_attention(args, kwargs):
-            return _fused_attention(*args, **kwargs)
-        return super().call_function(target, args, kwargs)
+        return _call_target(target, args, kwargs)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         self.tracker.owner = node.name
@@ -289,6 +289,16 @@ class _FakeRunner(torch.fx.Interpreter):
             owners[id(fn)] = name
             self.tracker.grad_fns.append(fn)   # alive until the step ends, so ids stay unique
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+def _call_target(target: Callable, args: tuple, kwargs: dict) -> Any:
+    """``target(*args, **kwargs)`` for a ``call_function`` node, with attention on meta tensors run
+    as the fused kernel a real device runs. Interpreters of graphs that may run on meta call this
+    (``recompute``'s checkpointed regions: a torch-function mode does not reach their recomputation,
+    which the autograd engine runs)."""
+    if target is torch.ops.aten.scaled_dot_product_attention.default and _meta_attention(args, kwargs):
+        return _fused_attention(*args, **kwargs)
+    return target(*args, **kwargs)
 
 
 def _meta_attention(args, kwargs) -> bool:
