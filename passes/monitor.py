@@ -14,10 +14,13 @@ available (the profiler already running) it is the tracked storages' peak.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from functools import partial
+import os
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -213,8 +216,14 @@ def _cpu_allocator_peak(step: Callable[[], Any]) -> tuple[Any, int]:
     during it above what was allocated before. This counts what no dispatched op shows: buffers
     kernels allocate and free inside themselves (a matmul's copy of a strided input, attention
     scratch)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():   # kineto writes a line to the process's stderr as it starts and stops
+        prof.start()
+    try:
         result = step()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = sorted((e for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
                     key=lambda e: e.start_ns())
@@ -223,6 +232,20 @@ def _cpu_allocator_peak(step: Callable[[], Any]) -> tuple[Any, int]:
         live += event.nbytes()
         peak = max(peak, live)
     return result, peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null (what C++ libraries print bypasses ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _step(model, args, kwargs, tracker: _Tracker, opt, loss_fn, params) -> float:
