@@ -12,7 +12,10 @@ operators as autograd functions:
   this rank's slice of the gradient backward;
 * ``f`` on every replicated value that enters a sharded region (the input of a
   column-parallel group, a replicated tensor sliced or broadcast into sharded ops):
-  identity forward, all-reduce (sum) backward.
+  identity forward, all-reduce (sum) backward;
+* on a parameter whose pieces are shared by groups of shards (KV heads replicated across the
+  shards of their query heads, ``Shard.rep``): identity forward, the gradient summed within
+  each group backward (each shard's is the part its own query heads contribute).
 
 Every rank then computes the same outputs and loss, each split parameter gets its own
 slice of the gradient and each replicated parameter the full gradient (identical on every
@@ -32,13 +35,14 @@ import torch.fx
 
 from partitioner.plan import concat_microbatches, split_microbatches
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
+from partitioner.sharding.layout import join_shards_like, segments_of
 from passes._keys import LOCAL_SLICE
 from passes._keys import SHARD
 
 from .runner import Runner, _placeholder_shapes, _shapes, _split
 
-__all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "gather_from_region", "megatron_graph",
-           "join_shards"]
+__all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "gather_from_region", "sum_in_replicas",
+           "megatron_graph", "join_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,38 @@ class _GatherFromRegion(torch.autograd.Function):
         return grad.chunk(ctx.group_size)[ctx.rank].contiguous(), None, None
 
 
+class _SumInReplicas(torch.autograd.Function):
+    """A parameter whose parts are shared by groups of ``rep`` shards: each shard's gradient of a shared part
+    is what its own computation contributes; the group's sum is the part's gradient."""
+
+    @staticmethod
+    def forward(ctx, p, shard, group_name):
+        ctx.shard, ctx.group_name = shard, group_name
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = _group(ctx.group_name)
+        n, rank = dist.get_world_size(group), dist.get_rank(group)
+        d, offset, pieces = ctx.shard.dim, 0, []
+        size = grad.shape[d] * n // ctx.shard.rep if not ctx.shard.segments else None
+        for z, rep in segments_of(ctx.shard, size):
+            piece = grad.narrow(d, offset, z // (n // rep))
+            offset += piece.shape[d]
+            if rep > 1:     # all-reduce over every shard with each group's sum in its own slot
+                slots = piece.new_zeros((n // rep, *piece.shape))
+                slots[rank // rep] = piece
+                dist.all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
+                piece = slots[rank // rep]
+            pieces.append(piece)
+        return torch.cat(pieces, d), None, None
+
+
+def sum_in_replicas(p: torch.Tensor, shard, group_name: str) -> torch.Tensor:
+    """Identity forward; backward, the gradient of each part shared by ``shard.rep`` shards summed over them."""
+    return _SumInReplicas.apply(p, shard, group_name)
+
+
 def gather_from_region(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
     """All-gather along dim 0 forward, this rank's slice of the gradient backward."""
     return _GatherFromRegion.apply(x, group_size, group_name)
@@ -139,6 +175,13 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
     """
     gm = torch.fx.GraphModule(module, copy.deepcopy(module.graph), class_name=type(module).__name__)
     graph = gm.graph
+    for node in list(graph.nodes):       # parameters whose parts groups of shards share
+        shard = param_shards.get(node.target) if node.op == "get_attr" else None
+        if shard is not None and any(rep > 1 for _, rep in (shard.segments or [(0, shard.rep)])):
+            with graph.inserting_after(node):
+                summed = graph.call_function(sum_in_replicas, (node, shard, group_name))
+            summed.meta = dict(node.meta)
+            node.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not summed)
     region = _region(graph)
     entered: dict = {}
     for node in list(graph.nodes):
@@ -177,13 +220,9 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
 
 
 def join_shards(parts: list[torch.Tensor], shard) -> torch.Tensor:
-    """The full tensor from every rank's slice under ``shard`` (dim ``shard.dim`` as ``(blocks, n, rest)``)."""
-    d, blocks = shard.dim, shard.blocks
-    if blocks == 1:
-        return torch.cat(parts, dim=d)
-    split = [p.reshape(*p.shape[:d], blocks, p.shape[d] // blocks, *p.shape[d + 1:]) for p in parts]
-    joined = torch.cat(split, dim=d + 1)
-    return joined.reshape(*parts[0].shape[:d], -1, *parts[0].shape[d + 1:])
+    """The full tensor from every rank's slice under ``shard`` (its parts in order; a part shared by ``rep``
+    ranks is taken once)."""
+    return join_shards_like(parts, shard, lambda pieces, d: torch.cat(pieces, dim=d))
 
 
 # -- the runner ----------------------------------------------------------------------------
