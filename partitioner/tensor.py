@@ -22,7 +22,8 @@ import torch.fx
 from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, SHARD
 from passes._util import fetch_attr, format_bytes, format_count, format_seconds, node_value, table, tensor_bytes
 from .plan import Plan, Stage, StageCost
-from .sharding import ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, seed_input, simulate, sliced_params
+from .sharding import (ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, seed_input,
+                       simulate, sliced_params, whole_params)
 
 __all__ = ["tensor_plan", "build_shard", "simulate", "TensorSharding", "ALL_REDUCE", "ALL_GATHER", "WAIT", "LOCAL_SLICE"]
 
@@ -51,12 +52,19 @@ class TensorSharding:
     vocab: tuple[str, ...] = ()             # vocabulary-parallel embeddings (table split by rows; all-reduce after)
     gathered: tuple[str, ...] = ()          # sharded outputs all-gathered at the model's output (vocab-parallel head)
     expert: tuple[str, ...] = ()            # expert-parallel einsums/bmms (parameter split on a batch dim, e.g. experts)
+    param_bytes: int = 0                    # bytes of every parameter of the graph (tied ones once)
+    whole_params: dict = field(default_factory=dict)   # parameter of >= 2 dims no shard cuts -> why
 
     def decisions(self) -> dict:
         """What was split and how, by node name (JSON): what ``load_plan`` checks a model against."""
         return {"n": self.n, "column": list(self.column), "row": list(self.row), "expert": list(self.expert),
                 "vocab": list(self.vocab), "gathered": list(self.gathered),
                 "replicated": sorted(self.replicated)}
+
+    @property
+    def split_fraction(self) -> float:
+        """Share of the model's parameter bytes that is split across the shards (what Megatron's plans split)."""
+        return self.sharded_param_bytes / self.param_bytes if self.param_bytes else 0.0
 
     @property
     def sharded_fraction(self) -> float:
@@ -89,8 +97,9 @@ class TensorSharding:
                     f"up to the model's output, e.g. a vocabulary-parallel LM head)"] if self.gathered else []),
                  f"         {len(self.row)} row-parallel matmuls {list(self.row)} (all-reduce after each; "
                  f"bias added once after it)",
-                 f"split parameters: {format_bytes(self.sharded_param_bytes)}; the largest shard holds "
-                 f"{self.sharded_fraction:.3f} of them (1/n = {1 / self.n:.3f})"]
+                 f"split parameters: {format_bytes(self.sharded_param_bytes)}"
+                 f"{f' ({self.split_fraction:.1%} of {format_bytes(self.param_bytes)})' if self.param_bytes else ''}"
+                 f"; the largest shard holds {self.sharded_fraction:.3f} of them (1/n = {1 / self.n:.3f})"]
         rows = [(b, f, bw, format_bytes(nb)) for b, f, bw, nb in self.per_block()]
         if rows:
             lines += ["", "collectives per block (forward: all-reduce of each row-parallel output; backward: "
@@ -99,6 +108,9 @@ class TensorSharding:
         if self.replicated:
             lines += ["", "replicated (every shard computes them in full):"]
             lines += [f"  {name}: {why}" for name, why in self.replicated.items()]
+        if self.whole_params:
+            lines += ["", "parameters every shard holds whole:"]
+            lines += [f"  {name}: {why}" for name, why in self.whole_params.items()]
         return "\n".join(lines)
 
 
@@ -115,7 +127,7 @@ def _shard_cost(gm, sh: Sharding, module, *, training: bool, optimizer, link_Bps
         if cost is None or node.op in ("placeholder", "get_attr", "output"):
             continue
         n_nodes += 1
-        div = sh.n if sh.sharded(node) else 1
+        div = sh.parts(node)
         flops += cost.flops // div
         bflops += cost.backward_flops // div
         saved += cost.saved_bytes // div
@@ -144,8 +156,11 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
     # an all-gather moves (n-1)/n of the tensor per device, half a ring all-reduce
     fwd_bytes = sum(b for *_, b in collectives) + sum(tensor_bytes(node_value(a)) for a in sh.gather) // 2
     bwd_bytes = sum(b for *_, b in backward)
-    full = {node: tensor_bytes(fetch_attr(gm, node.target)) for node in sliced}
-    biggest = max((sum(tensor_bytes(fetch_attr(m, node.target)) for node in sliced) for m in modules), default=0)
+    full = {id(fetch_attr(gm, node.target)): tensor_bytes(fetch_attr(gm, node.target)) for node in sliced}
+    biggest = max((sum({id(fetch_attr(m, node.target)): tensor_bytes(fetch_attr(m, node.target))
+                        for node in sliced}.values()) for m in modules), default=0)
+    every = {id(v): tensor_bytes(v) for v in (fetch_attr(gm, node.target) for node in gm.graph.nodes
+                                              if node.op == "get_attr") if isinstance(v, torch.nn.Parameter)}
     info = TensorSharding(
         n=n, column=tuple(s.name for s in gm.graph.nodes if s in sh.column),
         row=tuple(s.name for s in gm.graph.nodes if s in sh.reduce and s not in sh.vocab), replicated=dict(sh.replicated),
@@ -153,7 +168,8 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
         vocab=tuple(s.name for s in gm.graph.nodes if s in sh.vocab),
         gathered=tuple(s.name for s in gm.graph.nodes if s in sh.gather),
         collectives=collectives, backward_collectives=backward, sharded_param_bytes=sum(full.values()),
-        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()})
+        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()},
+        param_bytes=sum(every.values()), whole_params=whole_params(gm, sh, sliced))
     stages = []
     compute = [node for node in gm.graph.nodes if node.op not in ("placeholder", "get_attr", "output")]
     for r, module in enumerate(modules):

@@ -3,8 +3,8 @@
 (``regions``), and the rewrite of the graph into shard GraphModules with explicit collectives
 (``rewrite``)."""
 from .layout import Shard, join_shards_like, local_size
-from .regions import MATMULS, Sharding, analyze, seed_input
+from .regions import MATMULS, Sharding, analyze, seed_input, whole_params
 from .rewrite import ALL_GATHER, ALL_REDUCE, WAIT, block_of, build_shard, simulate, sliced_params
 
 __all__ = ["Shard", "Sharding", "analyze", "seed_input", "MATMULS", "build_shard", "sliced_params", "simulate",
-           "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT", "local_size", "join_shards_like"]
+           "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT", "local_size", "join_shards_like", "whole_params"]

@@ -29,7 +29,8 @@ aten = torch.ops.aten
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 ALL_GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
-_SHAPE_ARG = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+_SHAPE_ARG = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+              aten.broadcast_to.default)
 _CONVS = (aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 
