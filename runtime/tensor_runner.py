@@ -35,7 +35,7 @@ import torch.fx
 
 from partitioner.plan import concat_microbatches, split_microbatches
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
-from partitioner.sharding.layout import join_shards_like, segments_of
+from partitioner.sharding.layout import Shard, join_shards_like, segments_of
 from passes._keys import LOCAL_SLICE
 from passes._keys import SHARD
 
@@ -107,8 +107,8 @@ class _SumInReplicas(torch.autograd.Function):
     is what its own computation contributes; the group's sum is the part's gradient."""
 
     @staticmethod
-    def forward(ctx, p, shard, group_name):
-        ctx.shard, ctx.group_name = shard, group_name
+    def forward(ctx, p, layout, group_name):
+        ctx.shard, ctx.group_name = Shard(*layout), group_name
         return p.view_as(p)
 
     @staticmethod
@@ -129,9 +129,10 @@ class _SumInReplicas(torch.autograd.Function):
         return torch.cat(pieces, d), None, None
 
 
-def sum_in_replicas(p: torch.Tensor, shard, group_name: str) -> torch.Tensor:
-    """Identity forward; backward, the gradient of each part shared by ``shard.rep`` shards summed over them."""
-    return _SumInReplicas.apply(p, shard, group_name)
+def sum_in_replicas(p: torch.Tensor, layout: tuple, group_name: str) -> torch.Tensor:
+    """Identity forward; backward, the gradient of each part shared by ``rep`` shards summed over them.
+    ``layout``: the parameter's ``Shard`` fields ``(dim, blocks, rep, segments)`` (plain data in the graph)."""
+    return _SumInReplicas.apply(p, layout, group_name)
 
 
 def gather_from_region(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
@@ -179,7 +180,8 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
         shard = param_shards.get(node.target) if node.op == "get_attr" else None
         if shard is not None and any(rep > 1 for _, rep in (shard.segments or [(0, shard.rep)])):
             with graph.inserting_after(node):
-                summed = graph.call_function(sum_in_replicas, (node, shard, group_name))
+                layout = (shard.dim, shard.blocks, shard.rep, tuple(shard.segments))
+                summed = graph.call_function(sum_in_replicas, (node, layout, group_name))
             summed.meta = dict(node.meta)
             node.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not summed)
     region = _region(graph)
