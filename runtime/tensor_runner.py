@@ -42,7 +42,7 @@ from passes._keys import SHARD
 from .runner import Runner, _placeholder_shapes, _shapes, _split
 
 __all__ = ["TensorRunner", "reduce_from_region", "copy_to_region", "gather_from_region", "sum_in_replicas",
-           "megatron_graph", "join_shards"]
+           "vocab_parallel_cross_entropy", "megatron_graph", "join_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,57 @@ def sum_in_replicas(p: torch.Tensor, layout: tuple, group_name: str) -> torch.Te
     return _SumInReplicas.apply(p, layout, group_name)
 
 
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Megatron's cross-entropy over logits split by vocabulary: max, target logit and sum of exponentials
+    are all-reduced (three tensors of one value per token), never the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group_name, ignore_index):
+        group = _group(group_name)
+        rank, local = dist.get_rank(group), logits.shape[-1]
+        start = rank * local
+        logits = logits.float()
+        top = logits.max(dim=-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - top.unsqueeze(-1)
+        mine = (target >= start) & (target < start + local)
+        index = (target - start).clamp(0, local - 1).unsqueeze(-1)
+        picked = shifted.gather(-1, index).squeeze(-1).masked_fill(~mine, 0.0)
+        exp = shifted.exp()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(picked, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        keep = target != ignore_index
+        count = keep.sum().clamp(min=1)
+        loss = ((total.log() - picked) * keep).sum() / count
+        ctx.save_for_backward(exp / total.unsqueeze(-1), index, mine & keep, keep, count)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, index, mine, keep, count = ctx.saved_tensors
+        g = softmax * keep.unsqueeze(-1)
+        g.scatter_add_(-1, index, -mine.unsqueeze(-1).to(g.dtype))
+        return g * (grad / count), None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor, group_name: str = "0", *,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of logits split by vocabulary across the group (rank r holds classes
+    ``[r V/n, (r+1) V/n)`` in its last dim), without gathering them: the loss on every rank, each rank's
+    gradient for its own slice.
+
+    Args:
+        local_logits: ``[..., V / n]`` this rank's slice (``megatron_graph(..., vocab_parallel_outputs=True)``).
+        target: ``[...]`` class ids in ``[0, V)`` (``ignore_index`` skipped).
+        group_name: the tensor-parallel process group.
+
+    Example:
+        >>> loss_fn = lambda out, t: vocab_parallel_cross_entropy(out.logits, t, "0")   # doctest: +SKIP
+    """
+    return _VocabParallelCrossEntropy.apply(local_logits, target, group_name, ignore_index)
+
+
 def gather_from_region(x: torch.Tensor, group_size: int, group_name: str) -> torch.Tensor:
     """All-gather along dim 0 forward, this rank's slice of the gradient backward."""
     return _GatherFromRegion.apply(x, group_size, group_name)
@@ -162,7 +213,8 @@ def _is_float(node) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
-def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shards: dict) -> torch.fx.GraphModule:
+def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shards: dict,
+                   vocab_parallel_outputs: bool = False) -> torch.fx.GraphModule:
     """A copy of shard ``module`` (same parameters) whose collectives are Megatron's f and g on ``group_name``.
 
     Args:
@@ -170,6 +222,8 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
         group_name: the process group to reduce over (``dist.group.WORLD.group_name`` for the default).
         param_shards: attribute name -> ``Shard`` of the parameters split when the shard was built
             (``plan.sharding.param_shards``); their gradients are local and never reduced.
+        vocab_parallel_outputs: keep outputs split by vocabulary (an LM head's logits) as each rank's slice
+            instead of gathering them, for ``vocab_parallel_cross_entropy``.
 
     Returns:
         A new ``GraphModule`` sharing ``module``'s parameters and buffers.
@@ -202,9 +256,12 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
                 node.args[0].target in (ALL_REDUCE, ALL_GATHER):
             reduce = node.args[0]
             with graph.inserting_before(node):
-                g = graph.call_function(reduce_from_region, (reduce.args[0], group_name)) \
-                    if reduce.target is ALL_REDUCE else \
-                    graph.call_function(gather_from_region, (reduce.args[0], reduce.args[1], group_name))
+                if reduce.target is ALL_REDUCE:
+                    g = graph.call_function(reduce_from_region, (reduce.args[0], group_name))
+                elif vocab_parallel_outputs:          # the slice stays local: movedim there and back cancel
+                    g = graph.call_function(torch.ops.aten.alias.default, (reduce.args[0],))
+                else:
+                    g = graph.call_function(gather_from_region, (reduce.args[0], reduce.args[1], group_name))
             g.meta = dict(node.meta)
             node.replace_all_uses_with(g)
             graph.erase_node(node)

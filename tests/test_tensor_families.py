@@ -295,6 +295,53 @@ def test_tensor_parallel_training_of_the_family_matches_single_process(name, tmp
         assert result["param_shards"]["lm_head.weight"] == result["param_shards"]["transformer.wte.weight"]
 
 
+def _worker_vocab_ce(out_path: str) -> None:
+    """One rank of GPT-2 (tied head): logits kept split by vocabulary, Megatron's cross-entropy on them."""
+    import torch.distributed as dist
+    from passes._util import flatten_inputs
+    from runtime.tensor_runner import megatron_graph, vocab_parallel_cross_entropy
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    case = _case("gpt2")
+    inputs = {"input_ids": case.args[0], **case.kwargs}
+    target = torch.randint(0, 1000, case.args[0].shape, generator=torch.Generator().manual_seed(2))
+    target[0, 0] = -100                                      # an ignored position
+    plan = partition(case.model, 2, (), inputs, strategy="tensor", device="h100")
+    gm = megatron_graph(plan.stages[rank].module, group_name=dist.group.WORLD.group_name,
+                        param_shards=plan.sharding.param_shards, vocab_parallel_outputs=True)
+    local = gm(*flatten_inputs(plan.in_spec, (), inputs))[0]
+    loss = vocab_parallel_cross_entropy(local, target, dist.group.WORLD.group_name)
+    loss.backward()
+    grads = {k: p.grad for k, p in gm.named_parameters(remove_duplicate=False)}
+    ref = case.model
+    ref_loss = F.cross_entropy(ref(**inputs).logits.reshape(-1, 1000), target.reshape(-1))
+    ref_loss.backward()
+    torch.save({"local_shape": tuple(local.shape), "loss": loss.item(), "ref_loss": ref_loss.item(),
+                "head_grad": grads["lm_head.weight"], "ref_head_grad": ref.lm_head.weight.grad.chunk(2)[rank],
+                "ln_grad": grads["transformer.ln_f.weight"], "ref_ln_grad": ref.transformer.ln_f.weight.grad},
+               f"{out_path}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_vocab_parallel_cross_entropy_never_gathers_the_logits_and_equals_the_full_loss(tmp_path):
+    from runtime.launch import launch_local
+    out = tmp_path / "vocab_ce.pt"
+    codes, logs = launch_local([__file__, "vocab_ce", str(out)], 2, timeout_s=300)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"rank {r} exited with {code}:\n{log[-4000:]}"
+    for r in range(2):
+        result = torch.load(f"{out}.{r}", weights_only=False)
+        assert result["local_shape"][-1] == 500                 # each rank's half of the vocabulary
+        assert result["loss"] == pytest.approx(result["ref_loss"], rel=1e-5)
+        torch.testing.assert_close(result["head_grad"], result["ref_head_grad"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["ln_grad"], result["ref_ln_grad"], rtol=1e-4, atol=1e-6)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(__file__))
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "vocab_ce":
+        _worker_vocab_ce(sys.argv[2])
+    else:
+        _worker(sys.argv[1], sys.argv[2])
