@@ -147,7 +147,7 @@ def _shard_cost(gm, sh: Sharding, module, *, training: bool, optimizer, link_Bps
 def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optimizer, model: str,
                 fingerprint: str) -> Plan:
     """Shard a captured, costed graph ``n`` ways (Megatron patterns found by ``analyze``)."""
-    sh = analyze(gm, n)
+    sh = analyze(gm, n, conv_flops_per_byte=lambda dtype: spec.flops_per_s(dtype) / spec.link_bandwidth_Bps)
     sliced = sliced_params(gm, sh)
     modules = [build_shard(gm, sh, r, sliced=sliced) for r in range(n)]
     collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)

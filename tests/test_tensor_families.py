@@ -212,17 +212,38 @@ def test_torchvision_style_vit_splits_the_packed_in_proj_in_three_blocks():
     assert info.param_shards["layers.0.self_attention.out_proj.weight"] == Shard(1)
 
 
-def test_resnet_convolutions_split_by_channels_with_batch_norm_local():
-    case, plan = _plan("resnet", 2)
+def _fast_link():
+    """An H100 whose link moves a byte while it computes 10 FLOPs: channel-parallel convolutions pay."""
+    from dataclasses import replace
+    from passes.devices import get_device_spec
+    h100 = get_device_spec("h100")
+    return replace(h100, name="h100-fast-link", link_bandwidth_Bps=h100.flops_per_s(torch.float32) / 10)
+
+
+def test_resnet_convolutions_split_by_channels_with_batch_norm_local_where_they_pay():
+    case = MODELS["resnet"]()
+    plan = partition(case.model, 2, case.args, case.kwargs, strategy="tensor", device=_fast_link(), training=False)
+    info = plan.sharding
+    # the stem is column-parallel (BatchNorm and max-pool local on its channels), the next conv row-parallel
+    # (all-reduce), the one after column-parallel again
+    stem, block = "resnet.embedder.embedder", "resnet.encoder.stages.0.layers.0.layer"
+    assert info.param_shards[f"{stem}.convolution.weight"] == Shard(0)
+    assert info.param_shards[f"{stem}.normalization.weight"] == Shard(0)
+    assert info.param_shards[f"{block}.0.convolution.weight"] == Shard(1)
+    assert info.param_shards[f"{block}.1.convolution.weight"] == Shard(0)
+    local = dict(plan.stages[1].module.named_buffers())
+    running = case.model.resnet.embedder.embedder.normalization.running_mean
+    torch.testing.assert_close(local[f"{stem}.normalization.running_mean"], running.chunk(2)[1])
+    assert info.split_fraction > 0.95
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*case.args).logits, case().logits)
+
+
+def test_narrow_convolutions_stay_whole_where_the_all_reduce_costs_more_than_the_split_saves():
+    case, plan = _plan("resnet", 2)           # 16-32 channels at 3x3: ~144 FLOPs per all-reduced byte
     info = plan.sharding
     conv = "resnet.encoder.stages.0.layers.0.layer.0.convolution.weight"
-    assert info.param_shards[conv] == Shard(0)
-    assert info.param_shards["resnet.encoder.stages.0.layers.0.layer.0.normalization.weight"] == Shard(0)
-    assert info.param_shards["resnet.encoder.stages.0.layers.0.layer.1.convolution.weight"] == Shard(1)
-    local = dict(plan.stages[1].module.named_buffers())
-    running = case.model.resnet.encoder.stages[0].layers[0].layer[0].normalization.running_mean
-    torch.testing.assert_close(local["resnet.encoder.stages.0.layers.0.layer.0.normalization.running_mean"],
-                               running.chunk(2)[1])
+    assert conv not in info.param_shards and "do not pay" in info.whole_params[conv]
 
 
 # -- 2-rank training ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from fractions import Fraction
 import torch
 import torch.fx
 
-from passes._util import fetch_attr, node_value
+from passes._util import fetch_attr, node_value, tensor_bytes
 from .layout import NoRule, Shard, divides, make_shard, narrows
 from .rules import _shape, op_name, rule_for
 from .seeds import (_CONVS, _GROUPED_MM, _PARAM_VIEWS, MATMULS, _param_chain, _param_dim, _Seed, _seed_groups,
@@ -81,9 +81,14 @@ class _Collide(Exception):
 
 # -- the analysis -----------------------------------------------------------------------------
 
-def analyze(gm: torch.fx.GraphModule, n: int) -> Sharding:
-    """Find Megatron regions (column-parallel seeds closed by row-parallel matmuls) in ``gm`` for ``n`` shards."""
+def analyze(gm: torch.fx.GraphModule, n: int, *, conv_flops_per_byte=None) -> Sharding:
+    """Find Megatron regions (column-parallel seeds closed by row-parallel matmuls) in ``gm`` for ``n`` shards.
+
+    ``conv_flops_per_byte(dtype)``: the FLOPs a channel-parallel convolution region must save per byte it
+    all-reduces to pay (a device's break-even); None splits every convolution a rule allows.
+    """
     state = _State(gm, n)
+    state.conv_flops_per_byte = conv_flops_per_byte
     for group in _seed_groups(gm):
         if not any(state.owner.get(s.node) for s in group):
             state.place(group)
@@ -125,6 +130,7 @@ class _State:
         self.owner: dict = {}          # node -> committed trial
         self.trials: list = []
         self.replicated: dict = {}
+        self.conv_flops_per_byte = None
         by_tensor: dict = {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
@@ -173,12 +179,33 @@ class _State:
                 if not seeds:
                     return
                 continue
+            why = self._conv_pays(trial)
+            if why:
+                for s in seeds:
+                    self.replicated[s.name] = why
+                return
             self._commit(trial)
             for s in seeds:
                 self.replicated.pop(s.name, None)
             return
         for s in seeds:
             self.replicated.setdefault(s.name, "no layout found within the search limit: replicated")
+
+    def _conv_pays(self, trial) -> str | None:
+        """Why a region of convolutions only (ResNet's, not Whisper's conv + attention) does not pay: the
+        compute it splits is worth less time than its all-reduces take. None when it pays."""
+        if self.conv_flops_per_byte is None or any(s.kind != "conv" for s in trial.seeds):
+            return None
+        flops = sum(_conv_flops(node) for node in list(trial.layout) + list(trial.reduce)
+                    if node.op == "call_function" and node.target in _CONVS)
+        moved = sum(tensor_bytes(node_value(node)) for node in trial.reduce)
+        dtype = node_value(trial.seeds[0].param).dtype
+        # time saved flops (1 - 1/n) / peak against a ring all-reduce's 2 (n - 1) / n bytes / link
+        need = 2 * self.conv_flops_per_byte(dtype)
+        if moved and flops / moved < need:
+            return (f"channel-parallel convolutions do not pay here: they split {flops / moved:.0f} FLOPs per "
+                    f"all-reduced byte, the device needs {need:.0f} (compute / link bandwidth): replicated")
+        return None
 
     def _advance(self, culprits, opts, pending, tried) -> bool:
         """Move the culprits with untried hints to their next layout; False when none has one left."""
@@ -222,6 +249,12 @@ class _State:
             out.groups.append((names, len(trial.layout)))
         out.replicated = {k: v for k, v in self.replicated.items()}
         return out
+
+
+def _conv_flops(node) -> int:
+    """2 x output elements x (input channels per group x kernel elements) of a convolution."""
+    out, w = node_value(node), node_value(node.args[1])
+    return 2 * out.numel() * w[0].numel()
 
 
 def _apply_hint(base: tuple, hint: dict, segment) -> tuple | None:

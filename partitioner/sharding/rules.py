@@ -368,6 +368,21 @@ def _layer_norm(t, node):
     return s
 
 
+@rule(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default, aten.avg_pool1d.default,
+      aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
+      aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default,
+      aten.max_pool2d_with_indices.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
+def _spatial(t, node):
+    """Pooling and resampling act on the trailing spatial dims: channels (or batch) split stay split."""
+    s = _sharded(t, node, node.args[0])
+    nd = len(_shape(node.args[0]))
+    spatial = {"1d": 1, "2d": 2, "3d": 3}[next(k for k in ("1d", "2d", "3d") if k in str(node.target))]
+    if s.dim >= nd - spatial:
+        raise NoRule(f"{node.name}: pools over the sharded dim")
+    outs = node_value(node)
+    return tuple(s for _ in outs) if isinstance(outs, (tuple, list)) else s
+
+
 @rule(aten._native_batch_norm_legit_no_training.default, aten._native_batch_norm_legit.default,
       aten._native_batch_norm_legit_functional.default, aten.batch_norm.default)
 def _batch_norm(t, node):
