@@ -130,6 +130,13 @@ def _module(attrs: dict, graph: torch.fx.Graph, name: str) -> torch.fx.GraphModu
 def _copy_local(graph, node, arg_of, sh: Sharding):
     """Copy ``node``; a sharded view/reshape/expand/split/slice gets its local sizes."""
     new = graph.node_copy(node, arg_of)
+    if node.target in _CONVS and conv_groups(node) != 1 and node in sh.layout:
+        pos, local = (8 if node.target == aten.convolution.default else 6), conv_groups(node) // sh.n
+        if len(new.args) > pos:                    # whole groups per shard
+            new.args = (*new.args[:pos], local, *new.args[pos + 1:])
+        else:
+            new.kwargs = {**new.kwargs, "groups": local}
+        return new
     src = node.args[0] if node.args else None
     s_in = sh.layout.get(src) if isinstance(src, torch.fx.Node) else None
     if not isinstance(s_in, Shard):
@@ -168,12 +175,6 @@ def _copy_local(graph, node, arg_of, sh: Sharding):
         offset = _local_offset(s_in, size, start, n)
         new.target = aten.slice.Tensor
         new.args = (new.args[0], dim, offset, offset + local_size(s_out, end - start, n))
-    elif node.target in (aten.convolution.default, aten.conv1d.default, aten.conv2d.default,
-                         aten.conv3d.default) and conv_groups(node) != 1:
-        args = list(new.args)
-        pos = 8 if node.target == aten.convolution.default else 6
-        args[pos] = local_size(s_in, conv_groups(node), n)        # depthwise: one group per local channel
-        new.args = tuple(args)
     return new
 
 

@@ -242,13 +242,18 @@ def _convolution(t, node):
         if sw is not None:
             raise NoRule(f"{node.name}: convolution with a sharded weight on an input sharded off its channels")
         return sx
-    if groups != 1:
-        if sx is None or not sx.plain() or groups != _shape(x)[1] or _shape(w)[1] != 1:
-            raise NoRule(f"{node.name}: grouped convolution (groups = {groups}) other than depthwise")
-        t.want(node, w, sx.moved(0))
+    if groups != 1:                          # grouped (depthwise): whole groups per shard, no partial sums
+        s = sx if sx is not None else sw
+        if not s.plain() or (sw is not None and sw.dim != 0) or groups % t.n:
+            raise NoRule(f"{node.name}: grouped convolution ({groups} groups) not split into whole groups "
+                         f"n = {t.n} ways")
+        if sx is None:
+            t.want(node, x, Shard(1))
+        if sw is None:
+            t.want(node, w, Shard(0))
         if isinstance(b, torch.fx.Node):
-            t.want(node, b, sx.moved(0))
-        return sx                             # local groups: the local channels (rewrite)
+            t.want(node, b, Shard(0))
+        return Shard(1)                          # local groups: groups / n (rewrite)
     if sx is not None or (sw is not None and sw.dim == 1):
         if sw is not None and sw.dim != 1:
             raise NoRule(f"{node.name}: convolution with sharded input and output channels")
