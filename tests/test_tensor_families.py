@@ -246,6 +246,42 @@ def test_narrow_convolutions_stay_whole_where_the_all_reduce_costs_more_than_the
     assert conv not in info.param_shards and "do not pay" in info.whole_params[conv]
 
 
+def test_in_place_activations_keep_a_column_parallel_layout():
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(inplace=True), nn.Linear(32, 16)).eval()   # MobileNet's
+    x = torch.randn(4, 16)
+    plan = partition(model, 2, (x,), strategy="tensor", device="h100", training=False)
+    assert "hardswish_" in plan.stages[0].module.code
+    assert plan.sharding.column == ("linear",) and plan.sharding.row == ("linear_1",)
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x), model(x))
+
+
+@pytest.mark.parametrize("name,n", [("llama", 4), ("falcon", 2)])
+def test_shards_of_a_graph_with_symbolic_batch_and_sequence_run_other_shapes(name, n):
+    # capture with torch.export's Dim.AUTO: view sizes and sym_size nodes carry the batch and sequence dims
+    from torch.export import Dim
+    from passes._util import flatten_inputs
+    from partitioner.sharding import analyze, build_shard, simulate, sliced_params
+    case = _case(name)
+    kwargs = {"input_ids": case.args[0], "use_cache": False}
+    ep = torch.export.export(case.model, (), kwargs, strict=False,
+                             dynamic_shapes={"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, "use_cache": None})
+    gm = ep.module()
+    assert any(node.target == torch.ops.aten.sym_size.int for node in gm.graph.nodes)
+    sh = analyze(gm, n)
+    assert not sh.replicated
+    sliced = sliced_params(gm, sh)
+    shards = [build_shard(gm, sh, r, sliced=sliced) for r in range(n)]
+    spec = gm.graph._codegen.pytree_info.in_spec
+    for ids in (case.args[0], torch.randint(0, 1000, (3, 11))):
+        inputs = {"input_ids": ids, "use_cache": False}
+        with torch.no_grad():
+            torch.testing.assert_close(simulate(shards, flatten_inputs(spec, (), inputs))[0],
+                                       case.model(**inputs).logits)
+
+
 # -- 2-rank training ---------------------------------------------------------------------------
 
 TRAIN = {"phi3": 2, "falcon": 2, "mixtral": 2, "gpt2": 2, "mistral": 4}
