@@ -142,53 +142,30 @@ class _State:
         return any(b.users for b in self.aliases.get(param, ()))
 
     def place(self, seeds: list[_Seed]) -> None:
-        seeds = list(seeds)
-        opts = {s: ((Fraction(1), 1),) for s in seeds}        # seed layout: parts as fractions of its dim
-        pending: dict = {s: [] for s in seeds}
-        tried: dict = {s: {opts[s]} for s in seeds}
-        for _ in range(12 + 6 * len(seeds)):
-            trial = _Trial(self, opts)
+        """Grow, and commit, the region of one seed group; members that cannot shard are shed with a reason."""
+        search, attempts = _Search(self, seeds), 0
+        while attempts < 12 + 6 * len(search.seeds):      # each layout hint or shed seed is one attempt
+            attempts += 1
+            trial = _Trial(self, search.opts)
             try:
-                trial.grow(seeds)
+                trial.grow(search.seeds)
             except _Collide as exc:
-                other = exc.other
-                self._uncommit(other)
-                for s in other.seeds:
-                    if s not in opts:
-                        seeds.append(s)
-                        opts[s] = other.opts[s]
-                        pending[s], tried[s] = [], {opts[s]}
+                self._uncommit(exc.other)
+                search.merge(exc.other)
                 continue
             except NoRule as exc:
-                culprits = [s for s in seeds if s in getattr(exc, "origin", ())] or list(seeds)
-                segments = getattr(exc, "segments", [])
-                segment = segments[0] if len(segments) == 1 else None
-                for s in culprits:
-                    # a failing part of a fused projection (a KV head of q | k | v) may still be held whole:
-                    # the smallest parts first
-                    fallback = [{"reps": (self.n,), "segment": i}
-                                for i in sorted(segments, key=lambda i: opts[s][i][0] if i < len(opts[s]) else 0)]
-                    # the latest layout's hints first (depth first), then the older ones
-                    pending[s][:0] = [(opts[s], hint, segment) for hint in exc.hints or fallback]
-                if self._advance(culprits, opts, pending, tried):
+                if search.retry(exc):
                     continue
-                reason = str(exc)
-                for s in culprits:
-                    self.replicated[s.name] = reason
-                seeds = [s for s in seeds if s not in culprits]
-                if not seeds:
-                    return
-                continue
-            why = self._conv_pays(trial)
-            if why:
-                for s in seeds:
-                    self.replicated[s.name] = why
                 return
-            self._commit(trial)
-            for s in seeds:
+            why = self._conv_pays(trial)
+            if why is None:
+                self._commit(trial)
+            for s in search.seeds:
                 self.replicated.pop(s.name, None)
+                if why:
+                    self.replicated[s.name] = why
             return
-        for s in seeds:
+        for s in search.seeds:
             self.replicated.setdefault(s.name, "no layout found within the search limit: replicated")
 
     def _conv_pays(self, trial) -> str | None:
@@ -206,20 +183,6 @@ class _State:
             return (f"channel-parallel convolutions do not pay here: they split {flops / moved:.0f} FLOPs per "
                     f"all-reduced byte, the device needs {need:.0f} (compute / link bandwidth): replicated")
         return None
-
-    def _advance(self, culprits, opts, pending, tried) -> bool:
-        """Move the culprits with untried hints to their next layout; False when none has one left."""
-        moved = False
-        for s in culprits:
-            while pending[s]:
-                base, hint, segment = pending[s].pop(0)
-                new = _apply_hint(base, hint, segment)
-                if new is not None and new not in tried[s]:
-                    tried[s].add(new)
-                    opts[s] = new
-                    moved = True
-                    break
-        return moved
 
     def _commit(self, trial) -> None:
         self.trials.append(trial)
@@ -247,8 +210,60 @@ class _State:
                 if s.kind == "conv":
                     out.column.add(s.node)
             out.groups.append((names, len(trial.layout)))
-        out.replicated = {k: v for k, v in self.replicated.items()}
+        out.replicated = dict(self.replicated)
         return out
+
+
+class _Search:
+    """The layouts tried for one seed group: each seed's current layout (its parts as fractions of its dim,
+    with their reps), the hints still to try, those tried, and the seeds still in the group."""
+
+    def __init__(self, state: _State, seeds: list):
+        self.state, self.seeds = state, list(seeds)
+        self.opts = {s: ((Fraction(1), 1),) for s in seeds}
+        self.pending: dict = {s: [] for s in seeds}
+        self.tried: dict = {s: {self.opts[s]} for s in seeds}
+
+    def merge(self, other) -> None:
+        """Take in the seeds (and layouts) of a committed region this group's region met."""
+        for s in other.seeds:
+            if s not in self.opts:
+                self.seeds.append(s)
+                self.opts[s] = other.opts[s]
+                self.pending[s], self.tried[s] = [], {self.opts[s]}
+
+    def retry(self, exc: NoRule) -> bool:
+        """After a failure: move the seeds that reach it to their next layout, or shed them (with the
+        reason). False when no seed is left."""
+        culprits = [s for s in self.seeds if s in getattr(exc, "origin", ())] or list(self.seeds)
+        segments = getattr(exc, "segments", [])
+        segment = segments[0] if len(segments) == 1 else None
+        for s in culprits:
+            # a failing part of a fused projection (a KV head of q | k | v) may still be held whole,
+            # the smallest parts first; the latest layout's hints go first (depth first)
+            fallback = [{"reps": (self.state.n,), "segment": i}
+                        for i in sorted(segments, key=lambda i: self.opts[s][i][0] if i < len(self.opts[s]) else 0)]
+            self.pending[s][:0] = [(self.opts[s], hint, segment) for hint in exc.hints or fallback]
+        if self._advance(culprits):
+            return True
+        for s in culprits:
+            self.state.replicated[s.name] = str(exc)
+        self.seeds = [s for s in self.seeds if s not in culprits]
+        return bool(self.seeds)
+
+    def _advance(self, culprits) -> bool:
+        """Move the culprits with untried hints to their next layout; False when none has one left."""
+        moved = False
+        for s in culprits:
+            while self.pending[s]:
+                base, hint, segment = self.pending[s].pop(0)
+                new = _apply_hint(base, hint, segment)
+                if new is not None and new not in self.tried[s]:
+                    self.tried[s].add(new)
+                    self.opts[s] = new
+                    moved = True
+                    break
+        return moved
 
 
 def _conv_flops(node) -> int:

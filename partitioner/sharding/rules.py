@@ -118,12 +118,16 @@ def _pointwise(t, node):
     return target.moved(out_dim)
 
 
+@rule(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default)
+def _like(t, node):
+    """A fresh tensor shaped like a sharded one: each shard's is its piece (the same constant everywhere)."""
+    return _sharded(t, node, node.args[0])
+
+
 @rule(aten._assert_tensor_metadata.default, aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
-      aten.new_full.default, aten.sym_size.int, aten.zeros_like.default, aten.ones_like.default,
-      aten.empty_like.default)
+      aten.new_full.default, aten.sym_size.int)
 def _fresh(t, node):
-    if node.target in (aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default):
-        raise NoRule(f"{node.name}: a fresh tensor shaped like a sharded one")
+    """Sized by its arguments (whole on every shard), or a size that is not the sharded dim's."""
     if node.target == aten.sym_size.int and node.args[1] % len(_shape(node.args[0])) == t.lay(node.args[0]).dim:
         raise NoRule(f"{node.name}: reads the size of the sharded dim")
     return None
