@@ -156,9 +156,10 @@ def tensor_plan(gm: torch.fx.GraphModule, n: int, *, spec, training: bool, optim
     # an all-gather moves (n-1)/n of the tensor per device, half a ring all-reduce
     fwd_bytes = sum(b for *_, b in collectives) + sum(tensor_bytes(node_value(a)) for a in sh.gather) // 2
     bwd_bytes = sum(b for *_, b in backward)
-    full = {id(fetch_attr(gm, node.target)): tensor_bytes(fetch_attr(gm, node.target)) for node in sliced}
+    params = [node for node in sliced if isinstance(fetch_attr(gm, node.target), torch.nn.Parameter)]
+    full = {id(fetch_attr(gm, node.target)): tensor_bytes(fetch_attr(gm, node.target)) for node in params}
     biggest = max((sum({id(fetch_attr(m, node.target)): tensor_bytes(fetch_attr(m, node.target))
-                        for node in sliced}.values()) for m in modules), default=0)
+                        for node in params}.values()) for m in modules), default=0)
     every = {id(v): tensor_bytes(v) for v in (fetch_attr(gm, node.target) for node in gm.graph.nodes
                                               if node.op == "get_attr") if isinstance(v, torch.nn.Parameter)}
     info = TensorSharding(
