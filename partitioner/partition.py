@@ -345,4 +345,4 @@ def _check_sharding(saved: dict, found: dict, path: str, name: str) -> None:
         if want.get(key) != got.get(key):
             raise ValueError(f"{name} shards differently from the plan in {path}: parameter {key!r} is split "
                              f"{got.get(key) or 'not at all'} here, {want.get(key) or 'not at all'} in the plan "
-                             f"([dim, blocks]); plan again with partition(..., strategy='tensor')")
+                             f"([dim, blocks, rep, segments]); plan again with partition(..., strategy='tensor')")

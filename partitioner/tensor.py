@@ -23,7 +23,8 @@ from passes._keys import COLLECTIVE, COST, EXAMPLE_VAL, LOCAL_SLICE, ORIGIN, SHA
 from passes._util import fetch_attr, format_bytes, node_value, table, tensor_bytes, tensors_of
 from passes.estimate import NodeCost
 from .comm import all_gather_s, all_reduce_s, link_of
-from .sharding import ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, seed_input, sliced_params
+from .sharding import (ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, local_size,
+                       seed_input, sliced_params, whole_params)
 
 __all__ = ["shard_graph", "TensorSharding", "ORIGIN"]
 
@@ -47,13 +48,21 @@ class TensorSharding:
     vocab: tuple[str, ...] = ()             # vocabulary-parallel embeddings (table split by rows; all-reduce after)
     gathered: tuple[str, ...] = ()          # sharded outputs all-gathered at the model's output (vocab-parallel head)
     expert: tuple[str, ...] = ()            # expert-parallel einsums/bmms (parameter split on a batch dim, e.g. experts)
+    param_bytes: int = 0                    # bytes of every parameter of the graph (tied ones once)
+    whole_params: dict = field(default_factory=dict)   # parameter of >= 2 dims no shard cuts -> why
 
     def decisions(self) -> dict:
-        """What was split and how (JSON): the split parameters by name with their ``[dim, blocks]``, which
+        """What was split and how (JSON): the split parameters by name with their ``[dim, blocks, rep, segments]``, which
         is what the plan depends on and what ``load_plan`` checks a model against, and the matmul lists."""
-        return {"n": self.n, "params": {k: [v.dim, v.blocks] for k, v in sorted(self.param_shards.items())},
+        return {"n": self.n, "params": {k: [v.dim, v.blocks, v.rep, [list(seg) for seg in v.segments]]
+                                        for k, v in sorted(self.param_shards.items())},
                 "column": list(self.column), "row": list(self.row), "expert": list(self.expert),
                 "vocab": list(self.vocab), "gathered": list(self.gathered), "replicated": sorted(self.replicated)}
+
+    @property
+    def split_fraction(self) -> float:
+        """Share of the model's parameter bytes that is split across the shards (what Megatron's plans split)."""
+        return self.sharded_param_bytes / self.param_bytes if self.param_bytes else 0.0
 
     @property
     def sharded_fraction(self) -> float:
@@ -83,8 +92,9 @@ class TensorSharding:
                     f"up to the model's output, e.g. a vocabulary-parallel LM head)"] if self.gathered else []),
                  f"         {len(self.row)} row-parallel matmuls {list(self.row)} (all-reduce after each; "
                  f"bias added once after it)",
-                 f"split parameters: {format_bytes(self.sharded_param_bytes)}; the largest shard holds "
-                 f"{self.sharded_fraction:.3f} of them (1/n = {1 / self.n:.3f})"]
+                 f"split parameters: {format_bytes(self.sharded_param_bytes)}"
+                 f"{f' ({self.split_fraction:.1%} of {format_bytes(self.param_bytes)})' if self.param_bytes else ''}"
+                 f"; the largest shard holds {self.sharded_fraction:.3f} of them (1/n = {1 / self.n:.3f})"]
         rows = [(b, f, bw, format_bytes(nb)) for b, f, bw, nb in self.per_block()]
         if rows:
             lines += ["", "collectives per block (forward: all-reduce of each row-parallel output; backward: "
@@ -93,6 +103,9 @@ class TensorSharding:
         if self.replicated:
             lines += ["", "replicated (every shard computes them in full):"]
             lines += [f"  {name}: {why}" for name, why in self.replicated.items()]
+        if self.whole_params:
+            lines += ["", "parameters every shard holds whole:"]
+            lines += [f"  {name}: {why}" for name, why in self.whole_params.items()]
         return "\n".join(lines)
 
 
@@ -102,7 +115,7 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
 
     Returns the decisions and the ``n`` shard GraphModules, every node costed for its shard.
     """
-    sh = analyze(gm, n)
+    sh = analyze(gm, n, conv_flops_per_byte=lambda dtype: spec.flops_per_s(dtype) / spec.link_bandwidth_Bps)
     sliced = sliced_params(gm, sh)
     modules = [build_shard(gm, sh, r, sliced=sliced) for r in range(n)]
     link = link_of(spec, n, devices_per_node=devices_per_node)
@@ -111,8 +124,12 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
     collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
     backward = tuple((block_of(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(seed_input(seeds[0]))))
                      for seeds in _column_groups(sh))
-    full = {node: tensor_bytes(fetch_attr(gm, node.target)) for node in sliced}
-    biggest = max((sum(tensor_bytes(fetch_attr(m, node.target)) for node in sliced) for m in modules), default=0)
+    params = [node for node in sliced if isinstance(fetch_attr(gm, node.target), torch.nn.Parameter)]
+    full = {id(fetch_attr(gm, node.target)): tensor_bytes(fetch_attr(gm, node.target)) for node in params}
+    biggest = max((sum({id(fetch_attr(m, node.target)): tensor_bytes(fetch_attr(m, node.target))
+                        for node in params}.values()) for m in modules), default=0)
+    every = {id(v): tensor_bytes(v) for v in (fetch_attr(gm, node.target) for node in gm.graph.nodes
+                                              if node.op == "get_attr") if isinstance(v, torch.nn.Parameter)}
     info = TensorSharding(
         n=n, column=tuple(s.name for s in gm.graph.nodes if s in sh.column),
         row=tuple(s.name for s in gm.graph.nodes if s in sh.reduce and s not in sh.vocab),
@@ -120,7 +137,8 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
         vocab=tuple(s.name for s in gm.graph.nodes if s in sh.vocab),
         gathered=tuple(s.name for s in gm.graph.nodes if s in sh.gather),
         collectives=collectives, backward_collectives=backward, sharded_param_bytes=sum(full.values()),
-        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()})
+        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()},
+        param_bytes=sum(every.values()), whole_params=whole_params(gm, sh, sliced))
     if not sh.reduce:
         log.warning("tensor plan: no matmul could be sharded %d ways; every shard replicates the whole model", n)
     return info, modules
@@ -148,11 +166,12 @@ def _cost_shard(module: torch.fx.GraphModule, sh: Sharding, spec, link, *, train
         elif cost is None or node.meta.get(LOCAL_SLICE) or node.target is WAIT:
             node.meta[COST] = _free(node)
         elif layout is not None or any(u.target is ALL_REDUCE for u in node.users):
+            parts = sh.parts(node) if node in sh.layout or node in sh.reduce else sh.n
             node.meta[COST] = dataclasses.replace(
-                cost, flops=cost.flops // sh.n, backward_flops=cost.backward_flops // sh.n,
-                output_bytes=cost.output_bytes // sh.n, saved_bytes=cost.saved_bytes // sh.n,
-                forward_time_s=cost.forward_time_s / sh.n, backward_time_s=cost.backward_time_s / sh.n,
-                time_s=cost.time_s / sh.n)
+                cost, flops=cost.flops // parts, backward_flops=cost.backward_flops // parts,
+                output_bytes=cost.output_bytes // parts, saved_bytes=cost.saved_bytes // parts,
+                forward_time_s=cost.forward_time_s / parts, backward_time_s=cost.backward_time_s / parts,
+                time_s=cost.time_s / parts)
 
 
 def _local_value(val, layout, n: int):
@@ -162,7 +181,7 @@ def _local_value(val, layout, n: int):
     if not isinstance(val, torch.Tensor) or not isinstance(layout, Shard):
         return val
     shape = list(val.shape)
-    shape[layout.dim] //= n
+    shape[layout.dim] = local_size(layout, shape[layout.dim], n)
     return torch.empty(shape, dtype=val.dtype, device="meta")
 
 

@@ -6,7 +6,7 @@ import torch
 
 from _models import MODELS
 from partitioner import partition
-from partitioner.sharding import Shard
+from partitioner.sharding import Shard, local_size
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE
 
 _SHARDED = {"gpt2", "llama", "bert", "t5", "vit", "mlp", "moe"}
@@ -37,7 +37,14 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
     print(f"{name} n={n}: largest shard holds {info.sharded_fraction:.3f} of the split parameters; "
           f"{len(info.column)} column-, {len(info.row)} row-parallel, {len(info.replicated)} replicated")
     assert info.row, plan.report()
-    assert info.sharded_fraction == pytest.approx(1 / n, abs=1e-3)
+    # each split parameter's piece is 1/n of it, or 1/(n/rep) where shards share KV heads (rep of them)
+    full = dict(model.named_parameters(remove_duplicate=False))
+    want = sum(full[k].numel() * local_size(s, full[k].shape[s.dim], n) // full[k].shape[s.dim]
+               for k, s in info.param_shards.items() if k in full)
+    assert info.sharded_fraction == pytest.approx(
+        want / sum(full[k].numel() for k in info.param_shards if k in full), abs=1e-3)
+    assert info.sharded_fraction == pytest.approx(1 / n, abs=1e-3) or any(s.rep > 1 or s.segments
+                                                                          for s in info.param_shards.values())
     n_reduce = sum(node.target is ALL_REDUCE for node in plan.stages[0].module.graph.nodes)
     assert n_reduce == len(info.row) + len(info.vocab)
     assert max(s.cost.param_bytes for s in plan.stages) < sum(p.numel() * 4 for p in model.parameters())
@@ -84,10 +91,20 @@ def test_llama_untied_embedding_splits_by_vocabulary_and_looks_up_zeros_outside_
         torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
 
 
-def test_gpt2_tied_embedding_and_head_stay_replicated_with_reason():
-    _, _, _, plan = _plan("gpt2", 2)
-    assert not plan.sharding.vocab and not plan.sharding.gathered
-    assert "tied" in plan.sharding.replicated["embedding"] and "tied" in plan.sharding.replicated["linear"]
+@pytest.mark.parametrize("n", [2, 4])
+def test_gpt2_tied_embedding_and_head_split_together_by_vocabulary(n):
+    model, args, kwargs, plan = _plan("gpt2", n)
+    info = plan.sharding
+    assert info.vocab == ("embedding",) and info.gathered == ("linear",) and "linear" in info.column
+    assert info.param_shards["lm_head.weight"] == info.param_shards["transformer.wte.weight"] == Shard(0)
+    table = model.transformer.wte.weight
+    for r, stage in enumerate(plan.stages):
+        params = dict(stage.module.named_parameters(remove_duplicate=False))
+        # one local piece under both names: the shard keeps them tied
+        assert params["lm_head.weight"] is params["transformer.wte.weight"]
+        torch.testing.assert_close(params["lm_head.weight"], table.chunk(n)[r])
+    with torch.no_grad():
+        torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -116,18 +133,26 @@ def test_head_with_indivisible_classes_stays_replicated_with_reason():
 
 def test_gpt2_has_two_all_reduces_per_block_forward_and_backward():
     _, _, _, plan = _plan("gpt2", 2)
-    blocks = plan.sharding.per_block()
-    assert [(b, f, bw) for b, f, bw, _ in blocks] == [("transformer.h.0", 2, 2), ("transformer.h.1", 2, 2)]
+    blocks = {b: (f, bw) for b, f, bw, _ in plan.sharding.per_block()}
+    assert blocks["transformer.h.0"] == blocks["transformer.h.1"] == (2, 2)
+    assert blocks["transformer.wte"] == (1, 0)        # the vocabulary-parallel lookup's all-reduce
     report = plan.report()
     assert "column-parallel" in report and "row-parallel" in report and "addmm_1" in report
 
 
-def test_llama_grouped_kv_heads_not_divisible_stay_replicated_with_reason():
-    # 2 KV heads on 4 shards: attention cannot split by heads; the MLP still does, and numbers stay exact
+def test_llama_kv_heads_fewer_than_shards_are_shared_and_query_heads_still_split():
+    # 2 KV heads on 4 shards (Megatron's KV replication): shards 0, 1 hold KV head 0, shards 2, 3 KV head 1;
+    # each shard holds 1 of the 4 query heads and a quarter of o_proj
     model, args, kwargs, plan = _plan("llama", 4)
     info = plan.sharding
-    reasons = [why for why in info.replicated.values() if "fewer heads than shards" in why]
-    assert len(reasons) >= 2 and len(info.row) == 2     # down-projections only
+    assert not info.replicated and len(info.row) == 4     # o_proj and down_proj of both layers
+    assert info.param_shards["model.layers.0.self_attn.k_proj.weight"] == Shard(0, rep=2)
+    assert info.param_shards["model.layers.0.self_attn.q_proj.weight"] == Shard(0)
+    k_proj = model.model.layers[0].self_attn.k_proj.weight
+    for r, stage in enumerate(plan.stages):
+        params = dict(stage.module.named_parameters())
+        torch.testing.assert_close(params["model.layers.0.self_attn.k_proj.weight"], k_proj.chunk(2)[r // 2])
+        assert params["model.layers.0.self_attn.q_proj.weight"].shape[0] == 16
     with torch.no_grad():
         torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
 
@@ -154,7 +179,7 @@ def test_drawing_has_one_cluster_per_shard_and_the_collectives(tmp_path):
     _, _, _, plan = _plan("gpt2", 2)
     text = open(plan.draw(str(tmp_path / "plan.dot"))).read()
     assert text.count("subgraph cluster_shard") == 2
-    assert text.count("all-reduce (sum)") == len(plan.sharding.row)
+    assert text.count("all-reduce (sum)") == len(plan.sharding.row) + len(plan.sharding.vocab)
 
 
 def test_unknown_strategy_is_refused():
