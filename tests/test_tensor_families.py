@@ -65,7 +65,7 @@ def test_plan_equals_the_model_and_splits_what_megatron_splits(name, n):
     case, plan = _plan(name, n)
     with torch.no_grad():
         torch.testing.assert_close(_logits(plan(*case.args, **case.kwargs)), _logits(case()))
-    for stage in plan.stages:
+    for stage in plan.stages[0].shards:
         stage.module.graph.lint()
     info = plan.sharding
     params = dict(case.model.named_parameters(remove_duplicate=False))
@@ -101,7 +101,7 @@ def test_mistral_kv_heads_fewer_than_shards_are_shared_by_pairs_of_shards():
     assert info.param_shards["model.layers.0.self_attn.v_proj.weight"] == Shard(0, rep=2)
     assert info.param_shards["model.layers.0.self_attn.q_proj.weight"] == Shard(0)
     assert info.param_shards["model.layers.0.self_attn.o_proj.weight"] == Shard(1)
-    for r, stage in enumerate(plan.stages):
+    for r, stage in enumerate(plan.stages[0].shards):
         local = dict(stage.module.named_parameters())
         torch.testing.assert_close(local["model.layers.0.self_attn.k_proj.weight"], attn.k_proj.weight.chunk(2)[r // 2])
         torch.testing.assert_close(local["model.layers.0.self_attn.q_proj.weight"], attn.q_proj.weight.chunk(4)[r])
@@ -118,7 +118,7 @@ def test_falcon_multi_query_fused_qkv_splits_query_heads_and_holds_the_one_kv_he
     assert info.param_shards["transformer.h.0.self_attention.dense.weight"] == Shard(1)
     assert info.param_shards["lm_head.weight"] == Shard(0)          # tied to the word embeddings
     qkv = case.model.transformer.h[0].self_attention.query_key_value.weight
-    local = dict(plan.stages[n - 1].module.named_parameters())["transformer.h.0.self_attention.query_key_value.weight"]
+    local = dict(plan.stages[0].shards[n - 1].module.named_parameters())["transformer.h.0.self_attention.query_key_value.weight"]
     torch.testing.assert_close(local, torch.cat([qkv[:64].chunk(n)[n - 1], qkv[64:]]))
 
 
@@ -162,7 +162,7 @@ def test_mixtral_experts_split_inside_each_expert_on_the_grouped_and_batched_pat
     info = plan.sharding
     assert info.param_shards["model.layers.0.mlp.experts.gate_up_proj"] == Shard(1, 2)    # [E, gate | up, d]
     assert info.param_shards["model.layers.0.mlp.experts.down_proj"] == Shard(2)          # [E, d, I]
-    code = plan.stages[0].module.code
+    code = plan.stages[0].shards[0].module.code
     assert ("grouped_mm_fallback" in code) == (experts is None)
     with torch.no_grad():
         torch.testing.assert_close(plan(*case.args, **case.kwargs).logits, case().logits)
@@ -231,7 +231,7 @@ def test_resnet_convolutions_split_by_channels_with_batch_norm_local_where_they_
     assert info.param_shards[f"{stem}.normalization.weight"] == Shard(0)
     assert info.param_shards[f"{block}.0.convolution.weight"] == Shard(1)
     assert info.param_shards[f"{block}.1.convolution.weight"] == Shard(0)
-    local = dict(plan.stages[1].module.named_buffers())
+    local = dict(plan.stages[0].shards[1].module.named_buffers())
     running = case.model.resnet.embedder.embedder.normalization.running_mean
     torch.testing.assert_close(local[f"{stem}.normalization.running_mean"], running.chunk(2)[1])
     assert info.split_fraction > 0.95
@@ -252,7 +252,7 @@ def test_in_place_activations_keep_a_column_parallel_layout():
     model = nn.Sequential(nn.Linear(16, 32), nn.Hardswish(inplace=True), nn.Linear(32, 16)).eval()   # MobileNet's
     x = torch.randn(4, 16)
     plan = partition(model, 2, (x,), strategy="tensor", device="h100", training=False)
-    assert "hardswish_" in plan.stages[0].module.code
+    assert "hardswish_" in plan.stages[0].shards[0].module.code
     assert plan.sharding.column == ("linear",) and plan.sharding.row == ("linear_1",)
     with torch.no_grad():
         torch.testing.assert_close(plan(x), model(x))
@@ -364,7 +364,7 @@ def _worker_vocab_ce(out_path: str) -> None:
     target = torch.randint(0, 1000, case.args[0].shape, generator=torch.Generator().manual_seed(2))
     target[0, 0] = -100                                      # an ignored position
     plan = partition(case.model, 2, (), inputs, strategy="tensor", device="h100")
-    gm = megatron_graph(plan.stages[rank].module, group_name=dist.group.WORLD.group_name,
+    gm = megatron_graph(plan.stages[0].shards[rank].module, group_name=dist.group.WORLD.group_name,
                         param_shards=plan.sharding.param_shards, vocab_parallel_outputs=True)
     local = gm(*flatten_inputs(plan.in_spec, (), inputs))[0]
     loss = vocab_parallel_cross_entropy(local, target, dist.group.WORLD.group_name)

@@ -31,8 +31,8 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
     with torch.no_grad():
         torch.testing.assert_close(_outputs(plan(*args, **kwargs)), _outputs(model(*args, **kwargs)))
     info = plan.sharding
-    assert len(plan.stages) == n and all(isinstance(s.module, torch.fx.GraphModule) for s in plan.stages)
-    for stage in plan.stages:
+    assert len(plan.stages[0].shards) == n and all(isinstance(s.module, torch.fx.GraphModule) for s in plan.stages[0].shards)
+    for stage in plan.stages[0].shards:
         stage.module.graph.lint()
     print(f"{name} n={n}: largest shard holds {info.sharded_fraction:.3f} of the split parameters; "
           f"{len(info.column)} column-, {len(info.row)} row-parallel, {len(info.replicated)} replicated")
@@ -45,9 +45,9 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
         want / sum(full[k].numel() for k in info.param_shards if k in full), abs=1e-3)
     assert info.sharded_fraction == pytest.approx(1 / n, abs=1e-3) or any(s.rep > 1 or s.segments
                                                                           for s in info.param_shards.values())
-    n_reduce = sum(node.target is ALL_REDUCE for node in plan.stages[0].module.graph.nodes)
+    n_reduce = sum(node.target is ALL_REDUCE for node in plan.stages[0].shards[0].module.graph.nodes)
     assert n_reduce == len(info.row) + len(info.vocab)
-    assert max(s.cost.param_bytes for s in plan.stages) < sum(p.numel() * 4 for p in model.parameters())
+    assert max(s.cost.param_bytes for s in plan.stages[0].shards) < sum(p.numel() * 4 for p in model.parameters())
     assert "replicated" in plan.report() or not info.replicated
 
 
@@ -57,12 +57,12 @@ def test_moe_experts_split_on_the_experts_dim_and_the_sum_over_experts_is_all_re
     info = plan.sharding
     assert info.expert == ("einsum",) and info.row == ("sum_1",) and not info.column
     assert {k: (s.dim, s.blocks) for k, s in info.param_shards.items()} == {"w_in": (0, 1), "w_out": (0, 1)}
-    params = dict(plan.stages[n - 1].module.named_parameters())
+    params = dict(plan.stages[0].shards[n - 1].module.named_parameters())
     assert params["w_in"].shape[0] == params["w_out"].shape[0] == model.w_in.shape[0] // n
     torch.testing.assert_close(params["w_in"], model.w_in[-(model.w_in.shape[0] // n):])
     assert params["router.weight"].shape == model.router.weight.shape      # the router stays whole
     assert "softmax over the sharded dim" in info.replicated["linear"]
-    code = plan.stages[0].module.code
+    code = plan.stages[0].shards[0].module.code
     assert code.count("_c10d_functional.all_reduce") == 1
     assert "expert-parallel" in plan.report() and "einsum" in plan.report()
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_llama_untied_embedding_splits_by_vocabulary_and_looks_up_zeros_outside_
     assert info.vocab == ("embedding",) and "embedding" not in info.row
     assert info.param_shards["model.embed_tokens.weight"] == Shard(0)
     table = model.model.embed_tokens.weight
-    for r, stage in enumerate(plan.stages):
+    for r, stage in enumerate(plan.stages[0].shards):
         local = dict(stage.module.named_parameters())["model.embed_tokens.weight"]
         torch.testing.assert_close(local, table.chunk(n)[r])
         code = stage.module.code
@@ -96,13 +96,16 @@ def test_gpt2_tied_embedding_and_head_split_together_by_vocabulary(n):
     model, args, kwargs, plan = _plan("gpt2", n)
     info = plan.sharding
     assert info.vocab == ("embedding",) and info.gathered == ("linear",) and "linear" in info.column
-    assert info.param_shards["lm_head.weight"] == info.param_shards["transformer.wte.weight"] == Shard(0)
+    # one table: the graph reads it under one name, both model keys map to it, one piece per shard
+    name = plan.state_keys["lm_head.weight"]
+    assert plan.state_keys["transformer.wte.weight"] == name and info.param_shards[name] == Shard(0)
     table = model.transformer.wte.weight
-    for r, stage in enumerate(plan.stages):
+    for r, stage in enumerate(plan.stages[0].shards):
         params = dict(stage.module.named_parameters(remove_duplicate=False))
-        # one local piece under both names: the shard keeps them tied
-        assert params["lm_head.weight"] is params["transformer.wte.weight"]
-        torch.testing.assert_close(params["lm_head.weight"], table.chunk(n)[r])
+        pieces = {id(p) for k, p in params.items() if plan.state_keys.get("lm_head.weight") == k or
+                  k in ("lm_head.weight", "transformer.wte.weight")}
+        assert len(pieces) == 1
+        torch.testing.assert_close(params[name], table.chunk(n)[r])
     with torch.no_grad():
         torch.testing.assert_close(plan(*args, **kwargs).logits, model(*args, **kwargs).logits)
 
@@ -113,7 +116,7 @@ def test_llama_untied_head_splits_by_vocabulary_and_gathers_the_logits(n):
     info = plan.sharding
     assert info.gathered == ("linear_14",) and "linear_14" in info.column
     assert info.param_shards["lm_head.weight"] == Shard(0)
-    for r, stage in enumerate(plan.stages):
+    for r, stage in enumerate(plan.stages[0].shards):
         local = dict(stage.module.named_parameters())["lm_head.weight"]
         torch.testing.assert_close(local, model.lm_head.weight.chunk(n)[r])
         gathers = [node for node in stage.module.graph.nodes if node.target is ALL_GATHER]
@@ -149,7 +152,7 @@ def test_llama_kv_heads_fewer_than_shards_are_shared_and_query_heads_still_split
     assert info.param_shards["model.layers.0.self_attn.k_proj.weight"] == Shard(0, rep=2)
     assert info.param_shards["model.layers.0.self_attn.q_proj.weight"] == Shard(0)
     k_proj = model.model.layers[0].self_attn.k_proj.weight
-    for r, stage in enumerate(plan.stages):
+    for r, stage in enumerate(plan.stages[0].shards):
         params = dict(stage.module.named_parameters())
         torch.testing.assert_close(params["model.layers.0.self_attn.k_proj.weight"], k_proj.chunk(2)[r // 2])
         assert params["model.layers.0.self_attn.q_proj.weight"].shape[0] == 16
@@ -160,16 +163,16 @@ def test_llama_kv_heads_fewer_than_shards_are_shared_and_query_heads_still_split
 def test_llama_grouped_kv_heads_shard_when_n_divides_them():
     _, _, _, plan = _plan("llama", 2)
     assert len(plan.sharding.row) == 4                   # o_proj and down_proj of both layers
-    local = [n for n in plan.stages[0].module.graph.nodes if n.target is torch.ops.aten.expand.default]
+    local = [n for n in plan.stages[0].shards[0].module.graph.nodes if n.target is torch.ops.aten.expand.default]
     assert any(len(n.args[1]) == 5 and n.args[1][1] == 1 for n in local)   # repeat_kv expands 1 local KV head
 
 
 def test_shard_rewrites_head_count_in_views():
     _, _, _, plan = _plan("gpt2", 4)
-    code = plan.stages[1].module.code
+    code = plan.stages[0].shards[1].module.code
     assert "_c10d_functional.all_reduce" in code and "wait_tensor" in code
     # c_attn is [64, 192] (q|k|v): each shard holds 1/4 of every block
-    params = dict(plan.stages[1].module.named_parameters())
+    params = dict(plan.stages[0].shards[1].module.named_parameters())
     assert tuple(params["transformer.h.0.attn.c_attn.weight"].shape) == (64, 48)
     assert tuple(params["transformer.h.0.attn.c_proj.weight"].shape) == (16, 64)
     assert tuple(params["transformer.h.0.attn.c_proj.bias"].shape) == (64,)   # added once, after the all-reduce
@@ -211,7 +214,8 @@ def test_loading_a_tensor_plan_whose_decisions_this_model_does_not_reproduce_is_
     model, args, kwargs = llama()
     path = partition(model, 2, args, kwargs, strategy="tensor", device="h100", training=False).save(tmp_path / "tp.json")
     saved = json.loads(open(path).read())
-    saved["sharding"]["column"] = saved["sharding"]["column"][1:]    # as if an older fxpart had split less
+    params = saved["decisions"]["sharding"]["params"]
+    params.pop(sorted(params)[0])                                   # as if an older fxpart had split less
     open(path, "w").write(json.dumps(saved))
     with pytest.raises(ValueError, match="shards differently from the plan"):
         load_plan(path, model, args, kwargs)
