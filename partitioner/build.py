@@ -18,21 +18,12 @@ import torch
 import torch.fx
 
 from passes._keys import COST, ORIGIN
-from passes._util import fetch_attr
+from passes._util import fetch_attr, module_path
 from .graph_split import ComputeOrder, build_stage, stage_outputs
 from .pipeline import PipelineCosts
 from .plan import Stage, StageCost, StageShard
 
-__all__ = ["anchors_of", "positions_of", "build_stages", "state_keys", "param_table", "module_path"]
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """The innermost module a node belongs to (``transformer.h.0.attn``), from ``nn_module_stack``."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path.removeprefix("L['self'].").replace("L['self']", "")
+__all__ = ["anchors_of", "positions_of", "build_stages", "state_keys", "param_table", "shared_params"]
 
 
 def _op(node: torch.fx.Node) -> str:

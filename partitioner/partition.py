@@ -17,6 +17,7 @@ from torch import nn
 
 from passes import capture, estimate
 from passes._keys import ESTIMATE
+from passes._util import module_paths
 from passes.capture import normalize_inputs, signature_of
 from passes.devices import DeviceSpec, get_device_spec
 from .build import anchors_of, build_stages, param_table, positions_of, shared_params, state_keys
@@ -245,8 +246,7 @@ def _pinned_positions(costs, cuts: Sequence[str], n_stages: int) -> list[int]:
 
 
 def _in_module(node: torch.fx.Node, path: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(p == path or p.startswith(path + ".") for p, _ in stack.values())
+    return any(p == path or p.startswith(path + ".") for p in module_paths(node))
 
 
 _BATCH_NORM = ("_native_batch_norm_legit_functional", "_native_batch_norm_legit", "native_batch_norm",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from passes._util import format_bytes, format_seconds
+from passes._util import block_path, format_bytes, format_seconds
 from .pipeline import PipelineCosts, explain_memory, memory_model, solve_cuts
 from .plan import DP_MODES
 from .schedules import SCHEDULES
@@ -167,14 +167,7 @@ def _float_crossing(costs: PipelineCosts, end: int) -> float:
 
 
 def _block_key(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [p for p, _ in stack.values()]
-    for path in paths:
-        parts = path.split(".")
-        for i, part in enumerate(parts):
-            if part.isdigit():
-                return ".".join(parts[:i + 1])
-    return ""
+    return block_path(node) or ""
 
 
 def _units(nodes) -> int:

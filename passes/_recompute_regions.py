@@ -41,6 +41,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ._keys import CAPTURE
+from ._util import block_path
 from .flops import count_flops
 from .simulate import NodeTrace, StepTrace, _call_target
 
@@ -93,13 +94,7 @@ def find_regions(gm: torch.fx.GraphModule, trace: StepTrace) -> list[Region]:
 
 def _region_key(node: torch.fx.Node) -> str | None:
     """The path of the first indexed module (a ``ModuleList``/``Sequential`` child) holding ``node``."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    path = path.removeprefix("L['self'].").replace("L['self']", "")
-    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", path)
-    return match.group(1) if match else None
+    return block_path(node)
 
 
 def _written(node: torch.fx.Node) -> list[torch.fx.Node]:

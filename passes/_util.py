@@ -6,6 +6,7 @@ or ``node.meta["tensor_meta"]`` (shape propagation); writes nothing.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._keys import EXAMPLE_VAL
 
-__all__ = ["node_value", "hint", "is_symbolic", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
+__all__ = ["node_value", "hint", "is_symbolic", "module_path", "module_paths", "block_path", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
            "format_seconds", "table"]
 
 
@@ -82,6 +83,36 @@ def _at_example(value: Any) -> Any:
             return torch.empty_strided(sizes, strides, dtype=v.dtype, device="meta")
         return hint(v)
     return tree_map(concrete, value)
+
+
+def module_paths(node: torch.fx.Node) -> list[str]:
+    """Every module enclosing the code that made ``node``, outermost first, as dotted paths, any dialect
+    (export: ``blocks.0.fc``; Dynamo: ``L['self'].blocks[0].fc``); none for code outside submodules."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        if str(key).startswith("_empty_nn_module_stack") or path.startswith("_empty_nn_module_stack"):
+            continue
+        path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+        path = re.sub(r"\[(\d+)\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+        path = path.replace("_modules.", "").strip(".")
+        if path:
+            out.append(path)
+    return out
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost module of the code that made ``node`` (``transformer.h.0.attn``); "" outside any."""
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
+
+
+def block_path(node: torch.fx.Node) -> str | None:
+    """The block holding ``node``: its module path up to the first index (``transformer.h.3`` of a
+    ``ModuleList``/``Sequential``); None outside such blocks."""
+    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", module_path(node))
+    return match.group(1) if match else None
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 
 from ._keys import COST, ESTIMATE
-from ._util import format_bytes, format_count, format_seconds, node_value, table, tensors_of
+from ._util import format_bytes, format_count, format_seconds, module_path, node_value, table, tensors_of
 from .capture import capture, normalize_inputs
 from .devices import DeviceSpec, get_device_spec
 from .simulate import OPTIMIZERS, simulate, simulate_module
@@ -246,10 +246,7 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.removeprefix("L['self'].").replace("L['self']", "")
-    if node.op == "get_attr":
+    path = module_path(node)
+    if not path and node.op == "get_attr":
         return node.target.rpartition(".")[0]
-    return ""
+    return path

@@ -146,9 +146,9 @@ class Runner:
     def step(self, inputs, target, **kwargs) -> float:
         """One training step of the global batch; returns the mean loss on every rank.
 
-        ``inputs``: a tuple of positional inputs (or one tensor); ``kwargs`` the model's keyword
-        inputs, as in ``model(*inputs, **kwargs)`` (keyword constants the plan was captured with,
-        such as ``use_cache=False``, may be left out). Every rank passes the same batch; each
+        ``inputs``: a tuple of positional inputs (or one tensor, or a dict of keyword inputs);
+        ``kwargs`` the model's keyword inputs, as in ``model(*inputs, **kwargs)`` (keyword constants
+        the plan was captured with, such as ``use_cache=False``, may be left out). Every rank passes the same batch; each
         data-parallel replica takes its share and splits it into ``n_microbatches``; ``target`` is
         split the same way. The loss is the mean of ``loss_fn`` over all micro-batches.
         """
@@ -274,6 +274,8 @@ class Runner:
     # -- pieces ----------------------------------------------------------------------------
     def _microbatches(self, inputs, kwargs: dict) -> tuple[list, list]:
         """This replica's micro-batches (flat, checked) and their sizes by symbol."""
+        if isinstance(inputs, dict):
+            inputs, kwargs = (), {**inputs, **kwargs}
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         flat = self.plan.signature.flatten(args, kwargs)
         parts = self.mesh["dp"] * self.n_microbatches

@@ -355,8 +355,7 @@ def test_tensor_parallel_training_of_the_family_matches_single_process(name, tmp
 def _worker_vocab_ce(out_path: str) -> None:
     """One rank of GPT-2 (tied head): logits kept split by vocabulary, Megatron's cross-entropy on them."""
     import torch.distributed as dist
-    from passes._util import flatten_inputs
-    from runtime.tensor_runner import megatron_graph, vocab_parallel_cross_entropy
+    from runtime.tensor_parallel import megatron_graph, vocab_parallel_cross_entropy
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     case = _case("gpt2")
@@ -366,7 +365,7 @@ def _worker_vocab_ce(out_path: str) -> None:
     plan = partition(case.model, 2, (), inputs, strategy="tensor", device="h100")
     gm = megatron_graph(plan.stages[0].shards[rank].module, group_name=dist.group.WORLD.group_name,
                         param_shards=plan.sharding.param_shards, vocab_parallel_outputs=True)
-    local = gm(*flatten_inputs(plan.in_spec, (), inputs))[0]
+    local = gm(*plan.signature.flatten((), inputs))[0]
     loss = vocab_parallel_cross_entropy(local, target, dist.group.WORLD.group_name)
     loss.backward()
     grads = {k: p.grad for k, p in gm.named_parameters(remove_duplicate=False)}

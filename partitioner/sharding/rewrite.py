@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, ORIGIN, SHARD
-from passes._util import fetch_attr, node_value, tensor_bytes
+from passes._util import block_path, fetch_attr, module_path, node_value, tensor_bytes
 from .layout import Shard, local_size, segments_of, take_ranges
 from .regions import Sharding
 from .rules import conv_groups
@@ -303,10 +303,4 @@ def simulate_shards(modules: list[torch.fx.GraphModule], inputs: list[list]) -> 
 
 def block_of(node: torch.fx.Node) -> str:
     """The transformer block a node belongs to: its module path up to the first layer index."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "(top)"
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    m = re.match(r"(.*?\.\d+)(\.|$)", path)
-    return m.group(1) if m else path or "(top)"
+    return block_path(node) or module_path(node) or "(top)"
