@@ -87,7 +87,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     est = _estimate_once(gm, args, kwargs, spec, training, optimizer)
     limit = memory_limit if memory_limit is not None else (spec.memory_bytes or None)
     planner = Planner(gm, spec, training, optimizer, balance=balance, memory_limit=limit,
-                      devices_per_node=devices_per_node, batch=_batch_size(gm, args, kwargs))
+                      devices_per_node=devices_per_node, batch=_batch_size(gm, args, kwargs),
+                      precision=precision_of(gm))
     candidate_meshes = meshes(n_devices, devices_per_node=devices_per_node, fixed=fixed)
     if fixed is not None:
         _check_cuttable(planner, fixed, est.model)
@@ -97,6 +98,7 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
                              data_parallel=data_parallel, positions=positions)
     except ValueError as exc:
         raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
+    best = _refined(planner, best, positions)
     plan = _build(planner, best, model_or_gm, est.model, strategy=strategy, tried=tried)
     _warn_batch_statistics(gm, plan)
     log.debug("plan:\n%s", plan.report())
@@ -110,17 +112,18 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
     costs_mb = g.costs.at_fraction(1.0 / (mesh["dp"] * m))
     memory_of = memory_model(costs_mb, mesh["pp"], training=planner.training, schedule=best.schedule,
                              n_microbatches=m, optimizer=planner.optimizer, dp=mesh["dp"], dp_mode=best.data_parallel,
-                             unit_param_bytes=g.unit_param_bytes)
-    cut_graph = g.shards[0] if g.shards else planner.gm
+                             unit_param_bytes=g.unit_param_bytes, precision=planner.precision)
+    shards = g.shards                                   # every tp rank's graph (built now, for the winner only)
+    cut_graph = shards[0] if shards else planner.gm
     positions = list(best.positions)
-    stages = build_stages(planner.gm, cut_graph, g.costs, positions, memory_of=memory_of, shard_graphs=g.shards,
+    stages = build_stages(planner.gm, cut_graph, g.costs, positions, memory_of=memory_of, shard_graphs=shards,
                           balance=planner.balance)
     decisions = Decisions(
         mesh=dict(mesh), strategy=strategy, cuts=anchors_of(g.costs.order, positions),
         sharding=g.info.decisions() if g.info is not None else None, schedule=best.schedule, n_microbatches=m,
         data_parallel=best.data_parallel, training=planner.training, optimizer=planner.optimizer,
         memory_limit=planner.memory_limit, balance=planner.balance, device=planner.spec,
-        devices_per_node=planner.devices_per_node)
+        devices_per_node=planner.devices_per_node, precision=planner.precision)
     gm = planner.gm
     modules = [s.module for s in stages]
     info = getattr(gm.graph._codegen, "pytree_info", None)
@@ -133,6 +136,17 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
                 params=param_table(model), sharding=g.info, candidates=tuple(tried))
 
 
+def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
+    """The winner of a search at block boundaries, its cuts then solved at any node when that is affordable."""
+    g = planner.graphs(best.mesh["tp"])
+    if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
+        return best
+    if best.mesh["pp"] * int(g.costs.cuttable.sum()) > 200_000:      # keep block boundaries: minutes otherwise
+        return best
+    exact = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, exact=True)
+    return exact if exact.fits and exact.step_time_s <= best.step_time_s else best
+
+
 def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:
     costs = planner.graphs(mesh["tp"]).costs
     n_nodes = len(costs.order)
@@ -140,6 +154,13 @@ def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:
     if mesh["pp"] - 1 > n_cuttable:
         raise ValueError(f"cannot cut {model} into {mesh['pp']} non-empty stages: its graph has {n_nodes} compute "
                          f"nodes and only {n_cuttable} places to cut; use at most {n_cuttable + 1} stages")
+
+
+def precision_of(gm: torch.fx.GraphModule) -> str:
+    """How training holds the state: "mixed" for a model whose floating parameters are bf16 or fp16 (fp32
+    master weights and optimizer buffers beside them), "fp32" otherwise."""
+    dtypes = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    return "mixed" if dtypes and dtypes <= {torch.bfloat16, torch.float16} else "fp32"
 
 
 def _batch_size(gm, args: tuple, kwargs: dict) -> int:
@@ -303,7 +324,7 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
     _estimate_once(gm, args, kwargs, decisions.device, decisions.training, decisions.optimizer)
     planner = Planner(gm, decisions.device, decisions.training, decisions.optimizer, balance=decisions.balance,
                       memory_limit=None, devices_per_node=decisions.devices_per_node,
-                      batch=_batch_size(gm, args, kwargs))
+                      batch=_batch_size(gm, args, kwargs), precision=decisions.precision)
     mesh = decisions.mesh
     g = planner.graphs(mesh["tp"])
     if decisions.sharding is not None:

@@ -17,10 +17,11 @@ import torch
 import torch.fx
 
 from passes._keys import COST
-from passes._util import fetch_attr, format_bytes, tensor_bytes
+from passes._util import block_path, fetch_attr, format_bytes, module_path, tensor_bytes
 from .graph_split import ComputeOrder
 
-__all__ = ["PipelineCosts", "solve_cuts", "memory_model", "stage_memory", "lower_bound", "in_flight", "explain_memory",
+__all__ = ["PipelineCosts", "solve_cuts", "unit_boundaries", "memory_model", "stage_memory", "state_per_param_byte", "lower_bound",
+           "in_flight", "explain_memory",
            "SCHEDULES", "BALANCES", "OPT_STATE_PER_PARAM"]
 
 log = logging.getLogger(__name__)
@@ -142,42 +143,64 @@ def lower_bound(costs: PipelineCosts, n_stages: int) -> float:
 
 
 def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | None = None,
-               memory_of=None) -> list[int]:
+               memory_of=None, allowed: np.ndarray | None = None) -> list[int]:
     """Cut positions (``n_stages - 1`` of them) minimising the slowest stage, exactly.
 
     ``memory_of(stage_index, starts, end) -> bytes`` (vectorised over the ``starts`` array)
-    gives a stage's memory; stages above ``memory_limit`` are not allowed.
+    gives a stage's memory; stages above ``memory_limit`` are not allowed. ``allowed``
+    restricts the cuts to those positions (block and sub-block boundaries of a deep model:
+    the optimum over them, in O(stages x positions^2)).
 
     Raises:
         ValueError: no split satisfies the cuttable positions and the memory limit.
     """
     n = len(costs.order)
     work, comm, ok = costs.work, costs.comm, costs.cuttable
-    # best[k, j]: the least slowest-stage cost of nodes [0, j) cut into k + 1 stages
-    best = np.full((n_stages, n + 1), np.inf)
-    choice = np.zeros((n_stages, n + 1), dtype=np.int64)
+    pos = np.flatnonzero(ok)
+    if allowed is not None:
+        pos = np.union1d(np.intersect1d(pos, allowed), [0, n])
+    last = len(pos) - 1
+    # best[k, jj]: the least slowest-stage cost of nodes [0, pos[jj]) cut into k + 1 stages
+    best = np.full((n_stages, last + 1), np.inf)
+    choice = np.zeros((n_stages, last + 1), dtype=np.int64)
     for k in range(n_stages):
-        for j in range(k + 1, n + 1 - (n_stages - 1 - k)):
-            if not ok[j]:
-                continue
-            starts = np.arange(k, j) if k else np.zeros(1, dtype=np.int64)
+        for jj in range(k + 1, last + 1 - (n_stages - 1 - k)):
+            j = pos[jj]
+            index = np.arange(k, jj) if k else np.zeros(1, dtype=np.int64)
+            starts = pos[index]
             stage = work[j] - work[starts] + comm[starts] + comm[j]
-            cand = np.maximum(best[k - 1][starts], stage) if k else stage
+            cand = np.maximum(best[k - 1][index], stage) if k else stage
             if memory_limit is not None:
                 cand = np.where(memory_of(k, starts, j) > memory_limit, np.inf, cand)
             i = int(np.argmin(cand))
-            best[k, j], choice[k, j] = cand[i], starts[i]
-    if not np.isfinite(best[n_stages - 1, n]):
+            best[k, jj], choice[k, jj] = cand[i], index[i]
+    if last < n_stages or not np.isfinite(best[n_stages - 1, last]):
         raise ValueError("no feasible split")
-    cuts, j = [], n
+    cuts, jj = [], last
     for k in range(n_stages - 1, 0, -1):
-        j = int(choice[k, j])
-        cuts.append(j)
+        jj = int(choice[k, jj])
+        cuts.append(int(pos[jj]))
     return sorted(cuts)
 
 
+def unit_boundaries(order: ComputeOrder) -> np.ndarray:
+    """Positions where a block (``layers.3``) or a part of one (its attention, its MLP, a norm) begins:
+    the places to cut a deep model when cutting inside those parts gains little."""
+    keys = []
+    for node in order.nodes:
+        block = block_path(node)
+        path = module_path(node)
+        if block is None:
+            keys.append(path.split(".")[0] if path else "")
+        else:
+            rest = path[len(block):].lstrip(".").split(".")[0]
+            keys.append(f"{block}.{rest}")
+    return np.array([k for k in range(1, len(keys)) if keys[k] != keys[k - 1]], dtype=np.int64)
+
+
 def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedule: str, n_microbatches: int,
-                 optimizer: str | None, dp: int = 1, dp_mode: str = "replicate", unit_param_bytes: float = 0.0):
+                 optimizer: str | None, dp: int = 1, dp_mode: str = "replicate", unit_param_bytes: float = 0.0,
+                 precision: str = "fp32"):
     """``memory_of(stage, starts, end)``: a stage's bytes per device for every start in ``starts`` (numpy).
 
     ``costs`` are those of one micro-batch (``PipelineCosts.at_fraction``); ``dp``/``dp_mode`` say how
@@ -193,7 +216,7 @@ def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedul
         return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
                             crossing[starts] + crossing[end], stage, n_stages, training=training,
                             schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer, dp=dp,
-                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes)
+                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes, precision=precision)
     return memory_of
 
 
@@ -204,9 +227,23 @@ def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) 
     return min(n_stages - stage, n_microbatches)
 
 
+def state_per_param_byte(optimizer: str | None, precision: str) -> float:
+    """Bytes of training state per byte of parameters.
+
+    ``"fp32"``: the parameter, its gradient, the optimizer's buffers. ``"mixed"`` (a bf16/fp16
+    model trained as Megatron-LM and FSDP2's ``MixedPrecisionPolicy`` do): the half-precision
+    parameter, an fp32 gradient, fp32 master weights and fp32 optimizer buffers: 18 bytes per
+    parameter with AdamW.
+    """
+    slots = OPT_STATE_PER_PARAM[optimizer]
+    if precision == "mixed":
+        return 1 + 2 + 2 + 2 * slots
+    return 2 + slots
+
+
 def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossing_bytes, stage, n_stages, *,
                  training: bool, schedule: str, n_microbatches: int, optimizer: str | None, dp: int = 1,
-                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0):
+                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0, precision: str = "fp32"):
     """Bytes one device needs for a stage (works on numpy arrays too); activations are one micro-batch's.
 
     Training: parameters, their gradients and optimizer state (replicated: all of them; sharded
@@ -219,7 +256,7 @@ def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossi
     m = max(n_microbatches, 1)
     if not training:
         return param_bytes + buffer_bytes + transient_bytes + crossing_bytes
-    state = param_bytes * (2 + OPT_STATE_PER_PARAM[optimizer])
+    state = param_bytes * state_per_param_byte(optimizer, precision)
     if dp_mode == "shard" and dp > 1:
         gathered = 2 * param_bytes if n_stages > 1 else 2 * np.minimum(unit_param_bytes or param_bytes, param_bytes)
         state = state / dp + gathered

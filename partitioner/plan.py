@@ -49,6 +49,7 @@ class Decisions:
     balance: str = "time"
     device: Any = None                 # passes.DeviceSpec
     devices_per_node: int = 8
+    precision: str = "fp32"            # "mixed": half-precision parameters, fp32 gradients, master weights, moments
 
     def __post_init__(self):
         if set(self.mesh) != set(AXES) or not all(isinstance(v, int) and v >= 1 for v in self.mesh.values()):

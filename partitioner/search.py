@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from passes._util import block_path, format_bytes, format_seconds
-from .pipeline import PipelineCosts, explain_memory, memory_model, solve_cuts
+from .pipeline import PipelineCosts, explain_memory, memory_model, solve_cuts, unit_boundaries
 from .plan import DP_MODES
 from .schedules import SCHEDULES
 from .simulate_step import StageTiming, simulate_plan
@@ -64,10 +64,15 @@ class Candidate:
 class _Graphs:
     """What one tensor-parallel degree needs: the shard graphs (tp > 1) and the pipeline costs of the first."""
     info: object
-    shards: list | None
+    sharded: object                # tensor.ShardedGraph (tp > 1) or None
     costs: PipelineCosts
     forward_share: np.ndarray      # [n+1] prefix of forward seconds (whole example), to split stage time
     unit_param_bytes: float
+    allowed: np.ndarray | None     # cut positions of a deep graph (block and sub-block boundaries), or None: any
+
+    @property
+    def shards(self) -> list | None:
+        return self.sharded.modules() if self.sharded is not None else None
 
 
 @dataclass
@@ -81,6 +86,8 @@ class Planner:
     memory_limit: float | None = None
     devices_per_node: int = 8
     batch: int = 1                          # the example's global batch (dim 0)
+    precision: str = "fp32"                 # "mixed": a bf16/fp16 model with fp32 master weights and moments
+    coarse_above: int = 1500                # more cut positions than this: search at block boundaries
     _graphs: dict = field(default_factory=dict)
 
     def graphs(self, tp: int) -> _Graphs:
@@ -89,21 +96,26 @@ class Planner:
         return self._graphs[tp]
 
     def _make_graphs(self, tp: int) -> _Graphs:
-        info, shards, graph = None, None, self.gm
+        info, sharded, graph = None, None, self.gm
         if tp > 1:
             from .tensor import shard_graph
-            info, shards = shard_graph(self.gm, tp, spec=self.spec, training=self.training,
-                                       devices_per_node=self.devices_per_node)
-            graph = shards[0]
+            sharded = shard_graph(self.gm, tp, spec=self.spec, training=self.training,
+                                  devices_per_node=self.devices_per_node)
+            info, graph = sharded.info, sharded.module(0)
         costs = PipelineCosts.of(graph, training=self.training, link_Bps=self.spec.link_bandwidth_Bps,
                                  balance=self.balance, spec=self.spec)
         forward = np.concatenate([[0.0], np.cumsum(costs.node_forward)])
-        return _Graphs(info, shards, costs, forward, _largest_unit_params(costs))
+        n_cuttable = int(costs.cuttable.sum())
+        allowed = unit_boundaries(costs.order) if n_cuttable > self.coarse_above else None
+        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs), allowed)
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
-                 positions: list[int] | None = None) -> Candidate:
-        """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step."""
+                 positions: list[int] | None = None, exact: bool = False) -> Candidate:
+        """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
+
+        A deep graph's cuts are searched at block and sub-block boundaries unless ``exact``.
+        """
         dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
         base = Candidate(dict(mesh), m, schedule, data_parallel)
         if self.batch % (dp * m):
@@ -117,11 +129,12 @@ class Planner:
         costs = g.costs.at_fraction(1.0 / (dp * m))
         memory_of = memory_model(costs, pp, training=self.training, schedule=schedule, n_microbatches=m,
                                  optimizer=self.optimizer, dp=dp, dp_mode=data_parallel,
-                                 unit_param_bytes=g.unit_param_bytes)
+                                 unit_param_bytes=g.unit_param_bytes, precision=self.precision)
         limit = self.memory_limit
         if positions is None:
             try:
-                positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of)
+                positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of,
+                                       allowed=None if exact else g.allowed)
             except ValueError:
                 need, text = explain_memory(costs, pp, memory_of)
                 return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
@@ -133,7 +146,7 @@ class Planner:
             return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", peak, text)
         cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
                              spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
-                             optimizer=self.optimizer)
+                             optimizer=self.optimizer, precision=self.precision)
         return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
                          positions=tuple(positions), cost=cost)

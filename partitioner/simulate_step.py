@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 
 from .comm import all_gather_s, all_reduce_s, link_of, reduce_scatter_s, send_s
-from .pipeline import OPT_STATE_PER_PARAM
+from .pipeline import state_per_param_byte
 from .plan import AxisCost, PlanCost
 from .schedules import make_schedule, simulate
 
@@ -50,7 +50,7 @@ class StageTiming:
 
 def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_microbatches: int,
                   data_parallel: str, spec, devices_per_node: int, training: bool,
-                  optimizer: str | None) -> PlanCost:
+                  optimizer: str | None, precision: str = "fp32") -> PlanCost:
     """The simulated step of the global batch on ``mesh`` and the largest per-device memory."""
     pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
     m = n_microbatches
@@ -67,11 +67,12 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
 
     dp_rows, exposed, opt_s = [], [], []
     for t, end in zip(timings, ends):
-        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m)
+        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m,
+                                grad_scale=2.0 if precision == "mixed" else 1.0)
         dp_rows.append(sync)
         exposed.append(hidden)
-        opt_s.append(_optimizer_s(t.param_bytes / (dp if data_parallel == "shard" else 1), optimizer, spec)
-                     if training else 0.0)
+        opt_s.append(_optimizer_s(t.param_bytes / (dp if data_parallel == "shard" else 1), optimizer, spec,
+                                  precision) if training else 0.0)
     finish = [end + e + o for end, e, o in zip(ends, exposed, opt_s)]
     step = max(finish)
     busiest = max(range(pp), key=lambda s: m * (timings[s].forward_s + timings[s].backward_s))
@@ -82,29 +83,34 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
                     bubble_fraction=timeline.bubble_fraction[busiest], optimizer_s=max(opt_s), axes=axes)
 
 
-def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int) -> tuple[tuple, float]:
-    """((what, bytes per device, seconds), exposed seconds) of one stage's data-parallel traffic per step."""
+def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int,
+             grad_scale: float = 1.0) -> tuple[tuple, float]:
+    """((what, bytes per device, seconds), exposed seconds) of one stage's data-parallel traffic per step.
+
+    ``grad_scale``: gradient bytes per parameter byte (2: fp32 gradients of a bf16 model).
+    """
     if dp <= 1 or not training:
         return ("", 0, 0.0), 0.0
-    nbytes = t.param_bytes
+    nbytes = t.param_bytes * grad_scale
     units = max(t.n_units, math.ceil(nbytes / BUCKET_BYTES), 1)
     if mode == "replicate":
         total = all_reduce_s(nbytes, dp, link)
         hidden = max(total - t.backward_s, total / units)
         return ("gradient all-reduce", int(2 * (dp - 1) / dp * nbytes), total), hidden
     gathers = 1 if m > 1 else 2            # a lone stage reshards after forward and gathers again for backward
-    gather = gathers * all_gather_s(nbytes, dp, link)
+    gather = gathers * all_gather_s(t.param_bytes, dp, link)      # parameters travel in their own dtype
     scatter = reduce_scatter_s(nbytes, dp, link)
     hidden = max(gather - (t.forward_s + (t.backward_s if gathers == 2 else 0.0)), gather / units) + \
         max(scatter - t.backward_s, scatter / units)
-    moved = int((gathers + 1) * (dp - 1) / dp * nbytes)
+    moved = int((gathers * t.param_bytes + nbytes) * (dp - 1) / dp)
     return ("parameter all-gather + gradient reduce-scatter", moved, gather + scatter), hidden
 
 
-def _optimizer_s(param_bytes: float, optimizer: str | None, spec) -> float:
-    """The optimizer's sweep: it reads parameters and gradients, reads and writes its state, writes parameters."""
-    state = OPT_STATE_PER_PARAM[optimizer]
-    return (3 + 2 * state) * param_bytes / spec.memory_bandwidth_Bps
+def _optimizer_s(param_bytes: float, optimizer: str | None, spec, precision: str = "fp32") -> float:
+    """The optimizer's sweep: it reads parameters and gradients, reads and writes its state, writes parameters
+    (and, in mixed precision, reads and writes the fp32 master weights and copies them to the half-precision ones)."""
+    touched = 2 * state_per_param_byte(optimizer, precision) + 1
+    return touched * param_bytes / (spec.memory_bandwidth_Bps * spec.memory_efficiency)
 
 
 def _axes(timings, sends, dp_rows, exposed, *, mesh, m, training, data_parallel) -> tuple[AxisCost, ...]:

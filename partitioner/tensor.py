@@ -26,7 +26,7 @@ from .comm import all_gather_s, all_reduce_s, link_of
 from .sharding import (ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, local_size,
                        seed_input, sliced_params, whole_params)
 
-__all__ = ["shard_graph", "TensorSharding", "ORIGIN"]
+__all__ = ["shard_graph", "ShardedGraph", "TensorSharding"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -109,25 +109,46 @@ class TensorSharding:
         return "\n".join(lines)
 
 
+@dataclass
+class ShardedGraph:
+    """A graph's ``n`` tensor shards, built (and costed) on demand: planning needs shard 0 only."""
+    gm: torch.fx.GraphModule
+    info: TensorSharding
+    sharding: Sharding
+    sliced: dict
+    spec: object
+    link: tuple
+    training: bool
+    _modules: dict = field(default_factory=dict)
+
+    def module(self, r: int) -> torch.fx.GraphModule:
+        if r not in self._modules:
+            module = build_shard(self.gm, self.sharding, r, sliced=self.sliced)
+            _cost_shard(module, self.sharding, self.spec, self.link, training=self.training)
+            self._modules[r] = module
+        return self._modules[r]
+
+    def modules(self) -> list[torch.fx.GraphModule]:
+        return [self.module(r) for r in range(self.info.n)]
+
+
 def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
-                devices_per_node: int = 8) -> tuple[TensorSharding, list[torch.fx.GraphModule]]:
+                devices_per_node: int = 8) -> ShardedGraph:
     """Shard a captured, costed graph ``n`` ways (Megatron patterns found by ``sharding.analyze``).
 
-    Returns the decisions and the ``n`` shard GraphModules, every node costed for its shard.
+    Returns the decisions and the shard GraphModules (built when first asked for), every node
+    costed for its shard.
     """
     sh = analyze(gm, n, conv_flops_per_byte=lambda dtype: spec.flops_per_s(dtype) / spec.link_bandwidth_Bps)
     sliced = sliced_params(gm, sh)
-    modules = [build_shard(gm, sh, r, sliced=sliced) for r in range(n)]
     link = link_of(spec, n, devices_per_node=devices_per_node)
-    for module in modules:
-        _cost_shard(module, sh, spec, link, training=training)
     collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
     backward = tuple((block_of(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(seed_input(seeds[0]))))
                      for seeds in _column_groups(sh))
     params = [node for node in sliced if isinstance(fetch_attr(gm, node.target), torch.nn.Parameter)]
-    full = {id(fetch_attr(gm, node.target)): tensor_bytes(fetch_attr(gm, node.target)) for node in params}
-    biggest = max((sum({id(fetch_attr(m, node.target)): tensor_bytes(fetch_attr(m, node.target))
-                        for node in params}.values()) for m in modules), default=0)
+    full = {id(fetch_attr(gm, node.target)): (tensor_bytes(fetch_attr(gm, node.target)), node) for node in params}
+    local = sum(nbytes * local_size(sliced[node], fetch_attr(gm, node.target).shape[sliced[node].dim], n)
+                // fetch_attr(gm, node.target).shape[sliced[node].dim] for nbytes, node in full.values())
     every = {id(v): tensor_bytes(v) for v in (fetch_attr(gm, node.target) for node in gm.graph.nodes
                                               if node.op == "get_attr") if isinstance(v, torch.nn.Parameter)}
     info = TensorSharding(
@@ -136,12 +157,13 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
         replicated=dict(sh.replicated), expert=tuple(s.name for s in gm.graph.nodes if s in sh.expert),
         vocab=tuple(s.name for s in gm.graph.nodes if s in sh.vocab),
         gathered=tuple(s.name for s in gm.graph.nodes if s in sh.gather),
-        collectives=collectives, backward_collectives=backward, sharded_param_bytes=sum(full.values()),
-        max_shard_sharded_bytes=biggest, param_shards={node.target: shard for node, shard in sliced.items()},
+        collectives=collectives, backward_collectives=backward,
+        sharded_param_bytes=sum(b for b, _ in full.values()), max_shard_sharded_bytes=local,
+        param_shards={node.target: shard for node, shard in sliced.items()},
         param_bytes=sum(every.values()), whole_params=whole_params(gm, sh, sliced))
     if not sh.reduce:
         log.warning("tensor plan: no matmul could be sharded %d ways; every shard replicates the whole model", n)
-    return info, modules
+    return ShardedGraph(gm, info, sh, sliced, spec, link, training)
 
 
 def _column_groups(sh: Sharding) -> list[list]:

@@ -107,5 +107,6 @@ def merge_shards(directory: str) -> dict:
         raise ValueError(f"{directory} holds {len(shards)} shards of meshes {sorted({str(s['mesh']) for s in shards})}; "
                          f"a checkpoint of mesh {mesh} needs {world}")
     parts = [(tuple(s["coords"]), s["model"]) for s in shards]
+    dp_sharded = {name: True for s in shards for name in (s.get("dp_sharded") or {})}   # every stage's
     return assemble(parts, mesh=mesh, state_keys=shards[0]["state_keys"], split=shards[0]["split"],
-                    dp_sharded=shards[0].get("dp_sharded") or {})
+                    dp_sharded=dp_sharded)

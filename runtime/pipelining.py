@@ -96,6 +96,13 @@ def pipelining_schedule(plan, rank: int, schedule: str = "1F1B", *, n_microbatch
     if plan.mesh["tp"] > 1 or plan.mesh["dp"] > 1:
         raise ValueError(f"pipelining_schedule runs pipeline-only plans; this plan's mesh is {plan.mesh}: run it with "
                          f"runtime.Runner")
+    for stage in plan.stages[1:]:
+        sizes = [n.name for n in stage.module.graph.nodes if n.op == "placeholder"
+                 and not isinstance(n.meta.get("val"), torch.Tensor)]
+        if sizes:
+            raise ValueError(f"stage {stage.index} takes sizes {sizes} (ints) from the stage before, and "
+                             f"torch.distributed.pipelining passes only tensors between stages; run the plan with "
+                             f"runtime.Runner, or pin cuts where every size can be read off a tensor (cuts=...)")
     world = dist.get_world_size(group)
     n_stages = len(plan.stages)
     indices = _stage_indices(schedule, rank, world, n_stages)
