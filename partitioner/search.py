@@ -188,12 +188,14 @@ def _units(nodes) -> int:
 
 
 def _largest_unit_params(costs: PipelineCosts) -> float:
-    """Parameter bytes of the largest block (``...layers.3``) of the graph: what a sharded stage gathers at once."""
+    """What a sharded stage holds gathered at once: the largest block's (``...layers.3``) parameters and
+    those outside blocks (the root group's: embeddings, head, final norm)."""
     per: dict[str, float] = {}
     prefix = costs.params
     for i, node in enumerate(costs.order.nodes):
         per[_block_key(node)] = per.get(_block_key(node), 0.0) + float(prefix[i + 1] - prefix[i])
-    return max(per.values(), default=0.0)
+    root = per.pop("", 0.0)
+    return max(per.values(), default=0.0) + root
 
 
 # -- the search ---------------------------------------------------------------------------------

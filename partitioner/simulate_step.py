@@ -9,10 +9,11 @@ synchronisation and the optimizer step:
 * replicate: a ring all-reduce of the stage's gradients in buckets (25 MiB, as DDP) issued
   while the last micro-batch's backward runs; only what outlasts that backward, and at least
   the last bucket, is exposed;
-* shard (ZeRO-3 / FSDP2): parameters all-gathered before use (once per step in a pipeline,
-  which keeps them gathered; before the forward and again before the backward for a lone
-  stage, which reshards after each block) with the next block's gather overlapping the
-  current block's compute, and gradients reduce-scattered under the last backward.
+* shard (ZeRO-3 / FSDP2, one group per block): parameters all-gathered before use (once per
+  step in a pipeline, which keeps them gathered; before every micro-batch's forward and again
+  before its backward for a lone stage, which reshards after each block) with the next block's
+  gather overlapping the current block's compute, and gradients reduce-scattered under the
+  last backward.
 
 Links follow the mesh order ``(pp, dp, tp)`` with tp fastest-varying (as torchtitan lays it
 out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp group strides
@@ -67,7 +68,7 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
 
     dp_rows, exposed, opt_s = [], [], []
     for t, end in zip(timings, ends):
-        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m,
+        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m, pp=pp,
                                 grad_scale=2.0 if precision == "mixed" else 1.0)
         dp_rows.append(sync)
         exposed.append(hidden)
@@ -83,27 +84,35 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
                     bubble_fraction=timeline.bubble_fraction[busiest], optimizer_s=max(opt_s), axes=axes)
 
 
-def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int,
+def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int, pp: int = 1,
              grad_scale: float = 1.0) -> tuple[tuple, float]:
     """((what, bytes per device, seconds), exposed seconds) of one stage's data-parallel traffic per step.
 
-    ``grad_scale``: gradient bytes per parameter byte (2: fp32 gradients of a bf16 model).
+    ``grad_scale``: gradient bytes per parameter byte (2: fp32 gradients of a bf16 model). Sharded:
+    a lone stage (``pp == 1``) reshards after each block, so every micro-batch gathers every block
+    before its forward and again before its backward, each gather hidden under the block before
+    it but the first; a pipeline stage gathers once per step and keeps its parameters.
     """
     if dp <= 1 or not training:
         return ("", 0, 0.0), 0.0
     nbytes = t.param_bytes * grad_scale
-    units = max(t.n_units, math.ceil(nbytes / BUCKET_BYTES), 1)
+    units = max(t.n_units, 1)
     if mode == "replicate":
+        buckets = max(math.ceil(nbytes / BUCKET_BYTES), 1)
         total = all_reduce_s(nbytes, dp, link)
-        hidden = max(total - t.backward_s, total / units)
+        hidden = max(total - t.backward_s, total / buckets)
         return ("gradient all-reduce", int(2 * (dp - 1) / dp * nbytes), total), hidden
-    gathers = 1 if m > 1 else 2            # a lone stage reshards after forward and gathers again for backward
-    gather = gathers * all_gather_s(t.param_bytes, dp, link)      # parameters travel in their own dtype
+    gather = all_gather_s(t.param_bytes, dp, link)          # parameters travel in their own dtype
     scatter = reduce_scatter_s(nbytes, dp, link)
-    hidden = max(gather - (t.forward_s + (t.backward_s if gathers == 2 else 0.0)), gather / units) + \
-        max(scatter - t.backward_s, scatter / units)
-    moved = int((gathers * t.param_bytes + nbytes) * (dp - 1) / dp)
-    return ("parameter all-gather + gradient reduce-scatter", moved, gather + scatter), hidden
+    if pp == 1:
+        n_gathers = 2 * m
+        exposed = m * (max(gather - t.forward_s, gather / units) + max(gather - t.backward_s, gather / units))
+    else:
+        n_gathers = 1
+        exposed = max(gather - t.forward_s, gather / units)
+    exposed += max(scatter - t.backward_s, scatter / units)
+    moved = int((n_gathers * t.param_bytes + nbytes) * (dp - 1) / dp)
+    return ("parameter all-gather + gradient reduce-scatter", moved, n_gathers * gather + scatter), exposed
 
 
 def _optimizer_s(param_bytes: float, optimizer: str | None, spec, precision: str = "fp32") -> float:

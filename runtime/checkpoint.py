@@ -19,14 +19,16 @@ from .tensor_parallel import join_shards
 __all__ = ["local_state", "gather_full_state", "merge_state_dicts", "merge_shards", "shard_file"]
 
 
-def local_state(module: torch.nn.Module, *, full_over_dp: bool) -> dict:
-    """This rank's tensors by module name, on the CPU; ``full_over_dp`` gathers data-parallel shards
-    (a collective every replica must join), else each DTensor gives its local piece."""
+def local_state(module: torch.nn.Module, *, full_over_dp: bool, names: dict | None = None) -> dict:
+    """This rank's tensors by the stage graph's names, on the CPU; ``full_over_dp`` gathers data-parallel
+    shards (a collective every replica must join), else each DTensor gives its local piece. ``names`` maps
+    a wrapped module's names back to the stage graph's (``data_parallel.original_names``)."""
+    names = names or {}
     out = {}
     for name, t in module.state_dict().items():
         if hasattr(t, "full_tensor"):
             t = t.full_tensor() if full_over_dp else t.to_local()
-        out[name] = t.detach().cpu()
+        out[names.get(name, name)] = t.detach().cpu()
     return out
 
 

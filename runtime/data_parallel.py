@@ -12,8 +12,14 @@ wraps the module (shard).
 * ``shard`` (ZeRO-3 / FSDP2): ``torch.distributed.fsdp.fully_shard`` splits parameters,
   gradients and optimizer state over the replicas, gathers parameters before use and
   reduce-scatters gradients; ``set_requires_gradient_sync`` keeps the gradients of all but the
-  last micro-batch local. A lone stage reshards after its forward; a pipeline stage keeps its
-  parameters gathered across its micro-batches (as torchtitan does with pipelining).
+  last micro-batch local. As torchtitan wraps each transformer block, the stage's graph is
+  split into one submodule per block (``split_by_block``), each its own FSDP group, so one
+  block's parameters are gathered at a time and the next block's gather overlaps the current
+  block's compute; what lies outside blocks stays with the stage's root group, and a
+  parameter several blocks read (a tied embedding and head) is kept whole on every replica with
+  its gradient averaged like a replicated one (``replicated_params``). A lone stage reshards after its forward; a
+  pipeline stage keeps its parameters gathered across its micro-batches (as torchtitan does
+  with pipelining).
 """
 from __future__ import annotations
 
@@ -91,7 +97,88 @@ class GradSync:
         self._armed = False
 
 
-def shard_module(module: torch.nn.Module, device_mesh, *, reshard_after_forward: bool) -> torch.nn.Module:
-    """``fully_shard`` a stage's module over the data-parallel axis of ``device_mesh`` (FSDP2)."""
+def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_forward: bool) -> torch.nn.Module:
+    """``fully_shard`` a stage's graph over the data-parallel axis of ``device_mesh`` (FSDP2), one group per block.
+
+    Returns the wrapping module (``Units``); ``original_names(module)`` maps its parameter and
+    buffer names back to the stage graph's, ``replicated_params(module)`` lists the parameters
+    left whole (read by several blocks), whose gradients the caller averages.
+    """
     from torch.distributed.fsdp import fully_shard
-    return fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward)
+    units = split_by_block(module)
+    shared = units.shared_params()
+    for unit in units.units:
+        own = list(unit.parameters())
+        if own and any(p not in shared for p in own):
+            fully_shard(unit, mesh=device_mesh, reshard_after_forward=reshard_after_forward,
+                        ignored_params={p for p in own if p in shared} or None)
+    units.meta["fxpart.replicated"] = list(shared)
+    return fully_shard(units, mesh=device_mesh, reshard_after_forward=reshard_after_forward,
+                       ignored_params=shared or None)
+
+
+def replicated_params(module: torch.nn.Module) -> list:
+    """Parameters a sharded stage keeps whole on every replica (see ``shard_module``)."""
+    meta = getattr(module, "meta", None)
+    return list(meta.get("fxpart.replicated", [])) if isinstance(meta, dict) else []
+
+
+class Units(torch.nn.Module):
+    """A stage's graph as a sequence of per-block GraphModules run one after the other.
+
+    Each unit holds the parameters its nodes read; values live across a boundary are passed
+    along (``partitioner.graph_split``), so the units together compute what the graph does.
+    """
+
+    def __init__(self, units: list[torch.fx.GraphModule], names: dict):
+        super().__init__()
+        self.units = torch.nn.ModuleList(units)
+        self.meta = {"fxpart.names": names}
+
+    def forward(self, *args):
+        values = args
+        for i, unit in enumerate(self.units):
+            values = unit(*values)
+            if i < len(self.units) - 1:
+                values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+        return values
+
+    def shared_params(self) -> set:
+        """Parameters several units read (a tied embedding and head): left to the root's FSDP group."""
+        seen, shared = set(), set()
+        for unit in self.units:
+            for p in unit.parameters():
+                (shared if p in seen else seen).add(p)
+        return shared
+
+
+def split_by_block(gm: torch.fx.GraphModule) -> Units:
+    """``gm`` cut at every block boundary (``layers.3`` -> ``layers.4``) where a cut is allowed."""
+    from partitioner.graph_split import ComputeOrder, build_stage
+    from passes._util import block_path
+    order = ComputeOrder.of(gm)
+    ok = order.crossing()[2]
+    cuts, previous = [], None
+    for k, node in enumerate(order.nodes):
+        block = block_path(node)
+        if block is not None and block != previous:
+            if previous is not None:
+                cut = next((j for j in range(k, len(order)) if ok[j]), None)
+                if cut is not None and (not cuts or cut > cuts[-1]) and 0 < cut < len(order):
+                    cuts.append(cut)
+            previous = block
+    bounds = [0] + cuts + [len(order)]
+    units = [build_stage(order, s, e, name=f"Unit{i}") for i, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+    original = {id(t): name for name, t in list(gm.named_parameters(remove_duplicate=False)) +
+                list(gm.named_buffers(remove_duplicate=False))}
+    wrapper = Units(units, {})
+    wrapper.meta["fxpart.names"] = {name: original.get(id(t), name) for name, t in
+                                    list(wrapper.named_parameters(remove_duplicate=False)) +
+                                    list(wrapper.named_buffers(remove_duplicate=False))}
+    return wrapper
+
+
+def original_names(module: torch.nn.Module) -> dict:
+    """Name in a (possibly wrapped) stage module -> the stage graph's own name (identity when not wrapped)."""
+    meta = getattr(module, "meta", None)
+    return meta.get("fxpart.names", {}) if isinstance(meta, dict) else {}

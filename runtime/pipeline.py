@@ -31,15 +31,17 @@ class StageDriver:
 
     Args:
         module: what this rank computes of the stage.
+        graph: the stage's GraphModule (its placeholders say what the stage receives).
         stage: the stage's index; ``n_stages`` how many there are.
         prev_rank, next_rank: the ranks holding the neighbouring stages (same replica and shard).
         device: where tensors live.
         where: this rank in words, for errors.
     """
 
-    def __init__(self, module, *, stage: int, n_stages: int, prev_rank: int | None, next_rank: int | None,
+    def __init__(self, module, *, graph, stage: int, n_stages: int, prev_rank: int | None, next_rank: int | None,
                  device: torch.device, where: str):
         self.module = module
+        self.graph = graph          # the stage's GraphModule (``module`` may wrap it): what its inputs are
         self.stage, self.n_stages = stage, n_stages
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.device = device
@@ -131,7 +133,7 @@ class StageDriver:
     def _inputs(self, mb: int, flats, symbols: dict, *, train: bool) -> list:
         if self.first:
             return [v.to(self.device) if isinstance(v, torch.Tensor) else v for v in flats[mb]]
-        specs = input_specs(self.module, symbols)
+        specs = input_specs(self.graph, symbols)
         if specs is None:
             raise StageError(f"{self.where}: the size of a tensor this stage receives depends on data, which the "
                              f"runtime cannot know before receiving it; cut the model elsewhere (cuts=...)")

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from partitioner.plan import concat_outputs, split_batch
 from partitioner.schedules import SCHEDULES, make_schedule
 from .checkpoint import gather_full_state, local_state, merge_shards, merge_state_dicts, shard_file
-from .data_parallel import GradSync, shard_module
+from .data_parallel import GradSync, original_names, replicated_params, shard_module
 from .memory import LiveActivations, peak_tracker
 from .pipeline import StageDriver, StageError
 from .tensor_parallel import megatron_graph
@@ -91,10 +91,13 @@ class Runner:
         if self.mesh["dp"] > 1 and plan.data_parallel == "shard":
             self.module = shard_module(graph, self.topology.device_mesh["dp"],
                                        reshard_after_forward=self.mesh["pp"] == 1)
+            whole = replicated_params(self.module)
+            if whole:                                  # read by several blocks: replicated, gradients averaged
+                self._grad_sync = GradSync(whole, self.topology.group("dp"))
         elif self.mesh["dp"] > 1:
             self._grad_sync = GradSync(list(graph.parameters()), self.topology.group("dp"))
         pp = self.mesh["pp"]
-        self.driver = StageDriver(self.module, stage=c.pp, n_stages=pp,
+        self.driver = StageDriver(self.module, graph=graph, stage=c.pp, n_stages=pp,
                                   prev_rank=self.topology.rank_of(pp=c.pp - 1) if c.pp > 0 else None,
                                   next_rank=self.topology.rank_of(pp=c.pp + 1) if c.pp < pp - 1 else None,
                                   device=self.device, where=str(self.topology))
@@ -206,13 +209,13 @@ class Runner:
 
         Tied parameters appear under every key the model has for them; split parameters joined.
         """
-        local = local_state(self.module, full_over_dp=True)
+        local = local_state(self.module, full_over_dp=True, names=original_names(self.module))
         return gather_full_state(local, coords=self.coords, mesh=self.mesh, state_keys=self._state_keys(),
                                  split=self._split_keys())
 
     def shard_state_dict(self) -> dict:
         """This rank's tensors under the model's own keys (tensor slices as held; data-parallel shards gathered)."""
-        local = local_state(self.module, full_over_dp=True)
+        local = local_state(self.module, full_over_dp=True, names=original_names(self.module))
         names = self._state_keys() or {k: k for k in local}
         return {key: local[name] for key, name in names.items() if name in local}
 
@@ -221,8 +224,9 @@ class Runner:
         ``directory/shard-<rank>.pt``; ``runtime.merge_shards(directory)`` joins any mesh's shards."""
         os.makedirs(directory, exist_ok=True)
         path = shard_file(directory, self.rank)
-        model = local_state(self.module, full_over_dp=False)
-        dp_sharded = {k: True for k, t in self.module.state_dict().items() if hasattr(t, "full_tensor")}
+        names = original_names(self.module)
+        model = local_state(self.module, full_over_dp=False, names=names)
+        dp_sharded = {names.get(k, k): True for k, t in self.module.state_dict().items() if hasattr(t, "full_tensor")}
         optim = self.optimizer.state_dict() if self.optimizer is not None else None
         torch.save({"rank": self.rank, "mesh": self.mesh, "coords": (self.coords.pp, self.coords.dp, self.coords.tp),
                     "model": model, "optimizer": optim, "state_keys": self._state_keys(), "split": self._split_keys(),
@@ -235,7 +239,8 @@ class Runner:
         if saved["mesh"] != self.mesh:
             raise ValueError(f"{directory} holds a checkpoint of mesh {saved['mesh']}; this plan's is {self.mesh}: "
                              f"merge it with runtime.merge_shards and load the merged state into the model instead")
-        state = self.module.state_dict()
+        names = original_names(self.module)
+        state = {names.get(k, k): t for k, t in self.module.state_dict().items()}
         unexpected = [k for k in saved["model"] if k not in state]
         if unexpected:
             raise ValueError(f"shard {self.rank} in {directory} holds {unexpected[:8]}, which this rank's stage "
@@ -299,7 +304,8 @@ class Runner:
             self.module.set_requires_gradient_sync(True)
 
     def _sync_tied_grads(self) -> None:
-        params = dict(self.module.named_parameters())
+        names = original_names(self.module)
+        params = {names.get(k, k): p for k, p in self.module.named_parameters()}
         for name, group in self._tied:
             param = params[name]
             if param.grad is None:

@@ -108,7 +108,9 @@ def _mesh_worker(case: str, out_path: str) -> None:
         merged = merge_shards(shard_dir) if dist.get_rank() == 0 else None
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, losses)
+        groups = sum(1 for m in runner.module.modules() if type(m).__name__.startswith("FSDP"))
         results[name] = {"losses": losses, "losses_per_rank": everyone, "state": state, "merged": merged,
+                         "fsdp_groups": groups,
                          "forward": forward.logits if hasattr(forward, "logits") else forward,
                          "state_keys": list(model.state_dict()), "mesh": plan.mesh, "mode": plan.data_parallel}
         if dist.get_rank() == 0:
@@ -254,6 +256,8 @@ def test_training_on_a_mesh_equals_one_process(case, tmp_path):
         _check_state(got["state"], got["state_keys"], ref["state"], what)
         _close(got["forward"], ref["forward"], f"{what} forward")
         _check_state(got["merged"], got["state_keys"], got["state"], f"{what} merged shards")
+        if got["mode"] == "shard" and name != "mlp":    # one FSDP group per transformer block, and the root's
+            assert got["fsdp_groups"] >= 2, f"{what}: {got['fsdp_groups']} FSDP groups"
 
 
 def _check_schedules(case: str, result: dict) -> None:
