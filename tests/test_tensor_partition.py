@@ -328,6 +328,18 @@ def test_alibi_bias_of_batch_times_heads_is_cut_by_heads_within_each_batch_block
     _equal_at_both_shapes(plan, model)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_repeat_by_the_batch_size_keeps_the_relative_position_projection_split(n):
+    torch.manual_seed(0)
+    model = _BatchHeadsAttention(relative=True)
+    plan = _symbolic_plan(model, n, _EXAMPLE)
+    info = plan.sharding
+    assert info.param_shards["pos_proj.weight"] == Shard(0) and not info.replicated
+    repeat, = _shard_nodes(plan, torch.ops.aten.repeat.default)
+    assert repeat.meta[SHARD] == Shard(0, blocks=2, folded=True)
+    _equal_at_both_shapes(plan, model)
+
+
 def test_features_flattened_with_the_sequence_are_cut_at_a_fraction_of_their_length_at_run_time():
     torch.manual_seed(0)
     model = _FlatFeatures()

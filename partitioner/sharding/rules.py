@@ -304,15 +304,28 @@ def _stack(t, node):
 
 @rule(aten.repeat.default)
 def _repeat(t, node):
-    s = _sharded(t, node, node.args[0])
+    """Copies of the input along each dim: along the sharded one each copy is one more block of the input's
+    parts (each shard repeats its own piece). A symbolic number of copies (Hugging Face's ``repeat`` by the
+    batch size) of fixed-size parts folds the batch into the dim; of unequal or symbolic-size parts, refused."""
+    x = node.args[0]
+    s = _sharded(t, node, x)
     repeats = list(node.args[1])
-    d = s.dim + len(repeats) - len(_shape(node.args[0]))
+    d = s.dim + len(repeats) - len(_shape(x))
     k = repeats[d]
     if k == 1:
         return s.moved(d)
-    if not isinstance(k, int) or s.folded or not is_static(sym_shape(node.args[0])[s.dim]):
-        raise NoRule(f"{node.name}: repeats the sharded dim a symbolic number of times, or a dim of symbolic size")
-    return make_shard(d, segments_of(s, _shape(node.args[0])[s.dim]) * k)     # each copy is one more block
+    parts, size = segments_of(s, _shape(x)[s.dim]), sym_shape(x)[s.dim]
+    times = k if isinstance(k, int) else k.name
+    if not s.folded and not is_static(size):
+        raise NoRule(f"{node.name}: repeats {times} times the sharded dim of {x.name}, of symbolic size {size}: "
+                     f"blocks whose size changes with the symbolic sizes")
+    if isinstance(k, int) and not s.folded:
+        return make_shard(d, parts * k)                  # each copy is one more block
+    if s.segments:
+        raise NoRule(f"{node.name}: repeats {times} times the sharded dim of {x.name}, in unequal parts "
+                     f"{[z for z, _ in parts]}: a symbolic number of unequal blocks")
+    copies = _shape(node)[d] // _shape(x)[s.dim]        # at the example's sizes
+    return make_shard(d, parts * copies, folded=True)
 
 
 @rule(aten.index.Tensor)
