@@ -54,6 +54,23 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
     assert "replicated" in plan.report() or not info.replicated
 
 
+# a second batch: batch 3 (the examples': 2, the MLP's 8), sequence 11 (16; MoE 5 for 8), decoder sequence 5 (8)
+_OTHER_SIZES = {"gpt2": dict(batch=3, seq=11), "llama": dict(batch=3, seq=11), "bert": dict(batch=3, seq=11),
+                "t5": dict(batch=3, seq=11, decoder_seq=5), "vit": dict(batch=3), "mlp": dict(batch=3),
+                "moe": dict(batch=3, seq=5)}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("name", list(_OTHER_SIZES))
+def test_tensor_plan_made_on_the_example_runs_another_batch_size_and_length_equal_to_the_model(name, n):
+    model, args, kwargs, plan = _plan(name, n)
+    other = MODELS[name](**_OTHER_SIZES[name])             # the same sizes of weights; only its inputs are used
+    assert other.args[0].shape != args[0].shape
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(plan(*other.args, **other.kwargs)),
+                                   _outputs(model(*other.args, **other.kwargs)))
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_moe_experts_split_on_the_experts_dim_and_the_sum_over_experts_is_all_reduced(n):
     model, args, kwargs, plan = _plan("moe", n)
