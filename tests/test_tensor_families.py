@@ -79,6 +79,25 @@ def test_plan_equals_the_model_and_splits_what_megatron_splits(name, n):
     print(f"{name} n={n}: {info.split_fraction:.3f} of the parameter bytes split")
 
 
+# sizes of a second batch (the example's: batch 2, sequence 16, decoder sequence 8, 32x32 images); positions
+# tables and patch grids fix the image sizes of the ViTs and Whisper's frames
+OTHER_SIZES = {**{name: dict(batch=3, seq=11) for name in (*DECODERS, "bert", "deberta")},
+               "bart": dict(batch=3, seq=11, decoder_seq=5), "t5": dict(batch=3, seq=11, decoder_seq=5),
+               "whisper": dict(batch=3, decoder_seq=5), "vit": dict(batch=3), "mha_vit": dict(batch=3),
+               "list_moe": dict(batch=3, seq=5), "resnet": dict(batch=3, image_size=40)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_made_on_the_example_runs_another_batch_size_and_length_equal_to_the_model(name):
+    case, plan = _plan(name, 4)
+    model_name, sizes = CASES[name]
+    other = MODELS[model_name](**sizes, **OTHER_SIZES[name])
+    assert other.args[0].shape != case.args[0].shape
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(plan(*other.args, **other.kwargs)),
+                                   _logits(case.model(*other.args, **other.kwargs)))
+
+
 @pytest.mark.parametrize("name", ["bert", "resnet", "whisper", "mixtral", "mha_vit"])
 def test_every_parameter_of_two_or_more_dims_is_split_or_has_a_report_line(name):
     case, plan = _plan(name, 4)

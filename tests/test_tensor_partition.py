@@ -1,6 +1,8 @@
 """Tensor (Megatron) partitioning: shards simulated in one process equal the model; weights split 1/n."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from _models import MODELS
 from partitioner import partition
 from partitioner.sharding import Shard, local_size
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE
+from passes._keys import LOCAL_SLICE, SHARD
 
 _SHARDED = {"gpt2", "llama", "bert", "t5", "vit", "mlp", "moe"}
 
@@ -49,6 +52,23 @@ def test_tensor_plan_equals_model_and_splits_weights(name, n):
     assert n_reduce == len(info.row) + len(info.vocab)
     assert max(s.cost.param_bytes for s in plan.stages[0].shards) < sum(p.numel() * 4 for p in model.parameters())
     assert "replicated" in plan.report() or not info.replicated
+
+
+# a second batch: batch 3 (the examples': 2, the MLP's 8), sequence 11 (16; MoE 5 for 8), decoder sequence 5 (8)
+_OTHER_SIZES = {"gpt2": dict(batch=3, seq=11), "llama": dict(batch=3, seq=11), "bert": dict(batch=3, seq=11),
+                "t5": dict(batch=3, seq=11, decoder_seq=5), "vit": dict(batch=3), "mlp": dict(batch=3),
+                "moe": dict(batch=3, seq=5)}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("name", list(_OTHER_SIZES))
+def test_tensor_plan_made_on_the_example_runs_another_batch_size_and_length_equal_to_the_model(name, n):
+    model, args, kwargs, plan = _plan(name, n)
+    other = MODELS[name](**_OTHER_SIZES[name])             # the same sizes of weights; only its inputs are used
+    assert other.args[0].shape != args[0].shape
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(plan(*other.args, **other.kwargs)),
+                                   _outputs(model(*other.args, **other.kwargs)))
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -219,3 +239,144 @@ def test_loading_a_tensor_plan_whose_decisions_this_model_does_not_reproduce_is_
     open(path, "w").write(json.dumps(saved))
     with pytest.raises(ValueError, match="shards differently from the plan"):
         load_plan(path, model, args, kwargs)
+
+
+# -- graphs captured with symbolic batch and sequence (passes.capture's default) ---------------------------------
+
+class _BatchHeadsAttention(torch.nn.Module):
+    """Attention on ``[batch * heads, seq, head_dim]`` (``nn.MultiheadAttention``'s and Bloom's ``bmm``): views
+    whose head dim is ``batch * heads``, a symbolic size. ``alibi``: Bloom's bias ``[batch * heads, 1, seq]``
+    through ``baddbmm``; ``relative``: DeBERTa's position projection ``repeat``ed by the batch size, its scores
+    gathered at the relative positions."""
+
+    def __init__(self, d: int = 32, heads: int = 4, *, alibi: bool = False, relative: bool = False, n_pos: int = 8):
+        super().__init__()
+        self.heads, self.alibi, self.relative, self.n_pos = heads, alibi, relative, n_pos
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32))
+        self.rel = torch.nn.Parameter(torch.randn(n_pos, d))
+        self.rel_norm = torch.nn.LayerNorm(d)
+        self.pos_proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        h, hd = self.heads, d // self.heads
+        q, k, v = (p(x).view(b, s, h, hd).transpose(1, 2).reshape(b * h, s, hd) for p in (self.q, self.k, self.v))
+        if self.alibi:
+            bias = (self.slopes[:, None, None] * torch.arange(s, dtype=x.dtype)).repeat(b, 1, 1)    # [b * h, 1, s]
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=hd ** -0.5)
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2)) * hd ** -0.5
+        if self.relative:
+            pos = self.pos_proj(self.rel_norm(self.rel)).view(self.n_pos, h, hd).transpose(0, 1)   # [h, P, hd]
+            c2p = torch.bmm(q, pos.repeat(b, 1, 1).transpose(1, 2))                               # [b * h, s, P]
+            where = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).clamp(0, self.n_pos - 1)
+            scores = scores + torch.gather(c2p, -1, where.expand(b * h, s, s))
+        out = torch.bmm(scores.softmax(-1), v).view(b, h, s, hd).transpose(1, 2).reshape(b, s, d)
+        return self.out(out)
+
+
+class _FlatFeatures(torch.nn.Module):
+    """An MLP whose hidden features are flattened with the sequence (``[b, f * s]``) and offset by a replicated
+    tensor of that shape, beside a plain MLP. ``with_batch``: flattened with the batch too (``[b * f * s]``)."""
+
+    def __init__(self, d: int = 16, f: int = 32, *, with_batch: bool = False):
+        super().__init__()
+        self.with_batch = with_batch
+        self.up, self.down = torch.nn.Linear(d, f), torch.nn.Linear(f, d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, f), torch.nn.ReLU(), torch.nn.Linear(f, d))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        f = self.up.out_features
+        flat_shape = (-1,) if self.with_batch else (b, -1)
+        hidden = self.up(x).transpose(1, 2).reshape(flat_shape)
+        offset = x.repeat(1, 1, f // d).transpose(1, 2).reshape(flat_shape)
+        hidden = torch.relu(hidden + offset).view(b, f, s).transpose(1, 2)
+        return self.down(hidden) + self.mlp(x)
+
+
+_EXAMPLE, _OTHER = torch.randn(2, 6, 32), torch.randn(3, 5, 32)
+
+
+def _symbolic_plan(model, n: int, x):
+    """A tensor plan of ``model`` on ``x``, whose capture kept the batch and sequence dims symbolic."""
+    torch.manual_seed(0)
+    plan = partition(model.eval(), n, (x,), strategy="tensor", device="h100", training=False)
+    assert all(isinstance(d, str) for d in plan.signature.inputs[0].dims[:2]), plan.signature.describe()
+    return plan
+
+
+def _equal_at_both_shapes(plan, model, d: int = 32):
+    with torch.no_grad():
+        for x in (_EXAMPLE[..., :d], _OTHER[..., :d]):
+            torch.testing.assert_close(plan(x), model(x))
+
+
+def _shard_nodes(plan, target):
+    return [node for node in plan.stages[0].shards[0].module.graph.nodes if node.target == target]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_view_to_batch_times_heads_gets_the_local_head_count_divided_at_run_time(n):
+    torch.manual_seed(0)
+    model = _BatchHeadsAttention()
+    plan = _symbolic_plan(model, n, _EXAMPLE)
+    assert not plan.sharding.replicated and plan.sharding.row == ("linear_3",)
+    # the sizes batch * heads are graph nodes: each shard's view divides them by n when it runs
+    divided = [node for node in _shard_nodes(plan, operator.floordiv) if node.args[1] == n]
+    views = [node for node in _shard_nodes(plan, torch.ops.aten.view.default) +
+             _shard_nodes(plan, torch.ops.aten.reshape.default) if any(a in divided for a in node.args[1])]
+    assert len(views) == 3                              # q, k, v to [b * h / n, s, hd]
+    bmm = _shard_nodes(plan, torch.ops.aten.bmm.default)[0]
+    assert bmm.meta[SHARD] == Shard(0, blocks=2, folded=True)     # 2 batch blocks of 4 heads at the example
+    _equal_at_both_shapes(plan, model)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_alibi_bias_of_batch_times_heads_is_cut_by_heads_within_each_batch_block(n):
+    torch.manual_seed(0)
+    model = _BatchHeadsAttention(alibi=True)
+    plan = _symbolic_plan(model, n, _EXAMPLE)
+    assert not plan.sharding.replicated
+    # the replicated bias [b * h, 1, s] viewed as [b, h, 1, s]: each shard takes its h / n heads of every batch
+    unflatten, = _shard_nodes(plan, torch.ops.aten.unflatten.int)
+    assert unflatten.args[1:] == (0, [-1, 4])
+    _equal_at_both_shapes(plan, model)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_repeat_by_the_batch_size_keeps_the_relative_position_projection_split(n):
+    torch.manual_seed(0)
+    model = _BatchHeadsAttention(relative=True)
+    plan = _symbolic_plan(model, n, _EXAMPLE)
+    info = plan.sharding
+    assert info.param_shards["pos_proj.weight"] == Shard(0) and not info.replicated
+    repeat, = _shard_nodes(plan, torch.ops.aten.repeat.default)
+    assert repeat.meta[SHARD] == Shard(0, blocks=2, folded=True)
+    _equal_at_both_shapes(plan, model)
+
+
+def test_features_flattened_with_the_sequence_are_cut_at_a_fraction_of_their_length_at_run_time():
+    torch.manual_seed(0)
+    model = _FlatFeatures()
+    plan = _symbolic_plan(model, 2, _EXAMPLE[..., :16])
+    info = plan.sharding
+    assert info.param_shards["up.weight"] == Shard(0) and info.param_shards["down.weight"] == Shard(1)
+    assert not info.replicated
+    # the replicated offset [b, f * s] is cut at f * s * r / n, read from its length when the shard runs
+    assert [node.args[1] for node in _shard_nodes(plan, torch.ops.aten.sym_size.int)
+            if node.meta.get(LOCAL_SLICE)] == [1]
+    _equal_at_both_shapes(plan, model, d=16)
+
+
+def test_features_flattened_with_batch_and_sequence_stay_whole_with_the_reason():
+    torch.manual_seed(0)
+    model = _FlatFeatures(with_batch=True)
+    plan = _symbolic_plan(model, 2, _EXAMPLE[..., :16])
+    info = plan.sharding
+    # [b, f, s] -> [b * f * s] holds b pieces of f * s / n per shard: both change with the symbolic sizes
+    why = info.replicated["linear"]
+    assert why.startswith("reshape") and "changes with the symbolic sizes" in why, why
+    assert "up.weight" not in info.param_shards and info.param_shards["mlp.0.weight"] == Shard(0)
+    _equal_at_both_shapes(plan, model, d=16)

@@ -34,8 +34,8 @@ import torch
 import torch.fx
 
 from passes._util import fetch_attr, node_value, tensor_bytes
-from .layout import NoRule, Shard, divides, make_shard, narrows
-from .rules import _shape, op_name, rule_for
+from .layout import NoRule, Shard, divides, is_static, make_shard, narrows, segments_of
+from .rules import _shape, op_name, rule_for, sym_shape
 from .seeds import (_CONVS, _GROUPED_MM, _PARAM_VIEWS, MATMULS, _param_chain, _param_dim, _Seed, _seed_groups,
                     _vocab_seed, seed_input)
 
@@ -418,6 +418,10 @@ class _Trial:
         if not divides(shard, size, self.n):
             raise NoRule(f"{user.name}: dim {shard.dim} of {arg.name} has size {size}, not divisible by "
                          f"n = {self.n}{' in its blocks' if not shard.plain() else ''}")
+        sym = sym_shape(arg)[shard.dim]
+        if not is_static(sym) and not shard.folded and (shard.segments or shard.blocks > 1):
+            raise NoRule(f"{user.name}: would cut dim {shard.dim} of {arg.name}, of symbolic size {sym}, into "
+                         f"{len(segments_of(shard, size))} parts whose sizes change with it")
         current = self.lay(arg)
         if current is not None:
             if not narrows(current, shard, size):

@@ -12,6 +12,7 @@ model output (a vocabulary-parallel LM head) is all-gathered there (``all_gather
 """
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -19,9 +20,9 @@ import torch.fx
 
 from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, ORIGIN, SHARD
 from passes._util import block_path, fetch_attr, module_path, node_value, tensor_bytes
-from .layout import Shard, local_size, segments_of, take_ranges
+from .layout import Shard, is_static, local_size, segments_of, take_ranges
 from .regions import Sharding
-from .rules import conv_groups
+from .rules import conv_groups, sym_shape
 
 __all__ = ["build_shard", "sliced_params", "simulate", "simulate_shards", "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]
 
@@ -36,12 +37,42 @@ _CONVS = (aten.convolution.default, aten.conv1d.default, aten.conv2d.default, at
 
 # -- building shards ----------------------------------------------------------------------------
 
-def _local(x, shape, shard: Shard, r: int, n: int, call, src: Shard | None = None):
-    """Shard ``r`` of ``x`` (a tensor or a graph node; ``shape`` its global shape) under ``shard``, cut from
-    ``x``'s own layout ``src`` (None: ``x`` is whole); ``call(op, args)`` applies an op."""
-    ranges = take_ranges(shard, shape[shard.dim], r, n, src)
-    pieces = [call(aten.slice.Tensor, (x, shard.dim, a, b)) for a, b in ranges]
-    return pieces[0] if len(pieces) == 1 else call(aten.cat.default, (pieces, shard.dim))
+def _local(x, shape, shard: Shard, r: int, n: int, call, src: Shard | None = None, sym_size=None):
+    """Shard ``r`` of ``x`` (a tensor or a graph node; ``shape`` its global shape at the example's sizes)
+    under ``shard``, cut from ``x``'s own layout ``src`` (None: ``x`` is whole); ``call(op, args)`` applies
+    an op. ``sym_size``: the sharded dim's size at every size (a ``SymInt`` when symbolic; None: static)."""
+    d = shard.dim
+    if shard.folded:
+        return _local_blocks(x, shape[d] // shard.blocks, shard, r, n, call, src)
+    if sym_size is not None and not is_static(sym_size):
+        return _local_run(x, shard, r, n, call, src)
+    ranges = take_ranges(shard, shape[d], r, n, src)
+    pieces = [call(aten.slice.Tensor, (x, d, a, b)) for a, b in ranges]
+    return pieces[0] if len(pieces) == 1 else call(aten.cat.default, (pieces, d))
+
+
+def _local_blocks(x, block: int, shard: Shard, r: int, n: int, call, src: Shard | None):
+    """Shard ``r`` of a dim of blocks of ``block`` elements whose number follows the batch (``folded``):
+    ``[..., k * block, ...]`` viewed as ``[..., k, block, ...]``, each block cut alike, folded back."""
+    d = shard.dim
+    one, one_src = Shard(d, rep=shard.rep), None if src is None else Shard(d, rep=src.rep)
+    held = block if src is None else local_size(one_src, block, n)       # x's own block
+    blocks = call(aten.unflatten.int, (x, d, [-1, held]))
+    pieces = [call(aten.slice.Tensor, (blocks, d + 1, a, b)) for a, b in take_ranges(one, block, r, n, one_src)]
+    piece = pieces[0] if len(pieces) == 1 else call(aten.cat.default, (pieces, d + 1))
+    return call(aten.flatten.using_ints, (piece, d, d + 1))
+
+
+def _local_run(x, shard: Shard, r: int, n: int, call, src: Shard | None):
+    """Shard ``r`` of one part of symbolic size: its range is a fixed fraction of ``x``'s length on the
+    dim, read when the shard runs (``sym_size``)."""
+    assert not shard.segments and shard.blocks == 1, f"{shard} on a dim of symbolic size"
+    units = n if src is None else src.rep          # x's length, in n-ths of the whole dim
+    (a, b), = take_ranges(shard, n, r, n, src)
+    length = call(aten.sym_size.int, (x, shard.dim))
+    # the same nodes on every shard (shard 0's start too): ``simulate_shards`` runs them in lockstep
+    start, end = (call(operator.floordiv, (call(operator.mul, (length, at)), units)) for at in (a, b))
+    return call(aten.slice.Tensor, (x, shard.dim, start, end))
 
 
 def sliced_params(gm, sh: Sharding) -> dict:
@@ -105,7 +136,8 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
                 src = None if src is not None and src.whole(n) else src
                 key = (a, shard)
                 if key not in local_of:
-                    local_of[key] = _local(env[a], tuple(node_value(a).shape), shard, r, n, call, src)
+                    local_of[key] = _local(env[a], tuple(node_value(a).shape), shard, r, n, call, src,
+                                           sym_shape(a)[shard.dim])
                 return local_of[key]
             env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
                 _copy_local(graph, node, arg_of, sh)
@@ -145,16 +177,14 @@ def _copy_local(graph, node, arg_of, sh: Sharding):
     n, s_out = sh.n, sh.layout.get(node)
     if node.target in _SHAPE_ARG and isinstance(s_out, Shard):
         sizes = list(new.args[1])
-        d = s_out.dim
-        if isinstance(sizes[d], int) and sizes[d] != -1:
-            sizes[d] = local_size(s_out, sizes[d], n)
+        sizes[s_out.dim] = _local_dim(graph, new, sizes[s_out.dim], s_out, n)
         new.args = (new.args[0], sizes, *new.args[2:])
     elif node.target == aten.unflatten.int and isinstance(s_out, Shard):
         dim = node.args[1] % node_value(src).dim()
         sizes = list(new.args[2])
         k = s_out.dim - dim
-        if 0 <= k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
-            sizes[k] = local_size(s_out, sizes[k], n)
+        if 0 <= k < len(sizes):
+            sizes[k] = _local_dim(graph, new, sizes[k], s_out, n)
         new.args = (new.args[0], node.args[1], sizes)
     elif node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
         dim = (node.args[2] if len(node.args) > 2 else 0) % node_value(src).dim()
@@ -177,6 +207,18 @@ def _copy_local(graph, node, arg_of, sh: Sharding):
         new.target = aten.slice.Tensor
         new.args = (new.args[0], dim, offset, offset + local_size(s_out, end - start, n))
     return new
+
+
+def _local_dim(graph, new, size, shard: Shard, n: int):
+    """A shape argument's size of the sharded dim, made local: an int at once, -1 (inferred) as is, a
+    symbolic size (a graph node: Bloom's ``batch * heads``) divided when the shard runs (before ``new``)."""
+    if not isinstance(size, torch.fx.Node):
+        return size if size == -1 else local_size(shard, size, n)
+    assert not shard.segments, f"{new.format_node()}: unequal parts {shard.segments} on a dim of symbolic size"
+    with graph.inserting_before(new):          # every part alike: rep / n of each
+        local = graph.call_function(operator.floordiv, (size, n // shard.rep))
+    local.meta[LOCAL_SLICE] = True
+    return local
 
 
 def _start(node, size: int) -> int:

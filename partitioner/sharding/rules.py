@@ -6,8 +6,10 @@ A table keyed by ATen overload (``@rule(...)``; a custom op by its name, e.g.
 returns the output's layout (None: replicated, or a partial sum the rule marks for an
 all-reduce), or raises ``NoRule`` so the region's seeds that reach the node are dropped. A
 rule asks for a replicated operand (or one split more coarsely) to be cut locally with
-``t.want``. Reads fake values (``node.meta["val"]``) through ``passes._util.node_value``;
-writes nothing. Sizes of dims that are not sharded may be symbolic (``SymInt``).
+``t.want``. Reads fake values (``node.meta["val"]``) through ``passes._util.node_value`` (the
+example's sizes), and their symbolic shapes (``sym_shape``) where a layout depends on them;
+writes nothing. Sizes of dims that are not sharded may be symbolic (``SymInt``); a sharded dim
+of symbolic size (the batch folded into heads) passes only the rules that reason about it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.fx
 
 from passes._util import node_value
-from .layout import NoRule, Shard, make_shard, narrows, reshape_layout, segments_of
+from .layout import NoRule, Shard, is_static, make_shard, narrows, reshape_layout, same_size, segments_of
 
 __all__ = ["Shard", "rule", "rule_for", "reshape_layout", "NoRule", "op_name", "conv_groups", "subscripts"]
 
@@ -54,6 +56,21 @@ def rule_for(target):
 
 def _shape(node) -> tuple:
     return tuple(node_value(node).shape)
+
+
+def sym_shape(node) -> tuple:
+    """The shape a node's value has at every size: ``SymInt`` where the capture left a dim symbolic."""
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else _shape(node)
+
+
+def _static_dim(t, node, arg, dim: int, what: str) -> None:
+    """Refuse an op that cuts the sharded dim ``dim`` of ``arg`` at positions read at the example's sizes,
+    when that dim's size is symbolic (the batch folded into it)."""
+    size = sym_shape(arg)[dim]
+    if t.lay(arg).folded or not is_static(size):
+        raise NoRule(f"{node.name}: {what} the sharded dim of {arg.name}, whose size {size} is symbolic "
+                     f"(the pieces would hold at the example's sizes only)")
 
 
 def _tensor_args(node):
@@ -136,7 +153,9 @@ def _fresh(t, node):
 @rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
       aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def _reshape(t, node):
-    return reshape_layout(_shape(node.args[0]), _shape(node), _sharded(t, node, node.args[0]), t.n, node)
+    x = node.args[0]
+    return reshape_layout(_shape(x), _shape(node), _sharded(t, node, x), t.n, node,
+                          sym_in=sym_shape(x), sym_out=sym_shape(node))
 
 
 @rule(aten.expand.default, aten.broadcast_to.default)
@@ -195,11 +214,17 @@ def _slice(t, node):
     s = _sharded(t, node, node.args[0])
     shape = _shape(node.args[0])
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
-    if dim != s.dim or _shape(node) == shape:
+    if dim != s.dim:
         return s
     size = shape[dim]
     start, end = (list(node.args[2:4]) + [None, None])[:2]
     step = node.args[4] if len(node.args) > 4 else 1
+    if same_size(sym_shape(node)[dim], sym_shape(node.args[0])[dim]):
+        return s                                      # slices nothing off, at every size
+    if any(isinstance(a, torch.fx.Node) for a in (start, end, step)):
+        raise NoRule(f"{node.name}: slices the sharded dim at symbolic positions "
+                     f"{[a.name if isinstance(a, torch.fx.Node) else a for a in (start, end, step)]}")
+    _static_dim(t, node, node.args[0], dim, "slices")
     start = 0 if start is None else start + size if start < 0 else min(start, size)
     end = size if end is None else end + size if end < 0 else min(end, size)
     if step != 1 or end <= start:
@@ -224,6 +249,7 @@ def _split(t, node):
         return tuple(s for _ in outs)
     if node.target == aten.unbind.int:
         raise NoRule(f"{node.name}: unbinds the sharded dim")
+    _static_dim(t, node, node.args[0], dim, "splits")
     bounds = [0]
     for o in outs:
         bounds.append(bounds[-1] + o[dim])
@@ -261,6 +287,8 @@ def _cat(t, node):
         return _agree(t, node, args, [first.dim] * len(args))
     if any(t.lay(a) is None for a in args):          # a replicated piece would need cutting by parts
         raise NoRule(f"{node.name}: concatenates a replicated tensor along the sharded dim")
+    for a in args:
+        _static_dim(t, node, a, dim, "concatenates along")
     segs = [seg for a in args for seg in segments_of(t.lay(a), _shape(a)[dim])]
     return make_shard(dim, segs)                      # each shard's pieces, in order: the parts concatenated
 
@@ -276,15 +304,28 @@ def _stack(t, node):
 
 @rule(aten.repeat.default)
 def _repeat(t, node):
-    s = _sharded(t, node, node.args[0])
+    """Copies of the input along each dim: along the sharded one each copy is one more block of the input's
+    parts (each shard repeats its own piece). A symbolic number of copies (Hugging Face's ``repeat`` by the
+    batch size) of fixed-size parts folds the batch into the dim; of unequal or symbolic-size parts, refused."""
+    x = node.args[0]
+    s = _sharded(t, node, x)
     repeats = list(node.args[1])
-    d = s.dim + len(repeats) - len(_shape(node.args[0]))
+    d = s.dim + len(repeats) - len(_shape(x))
     k = repeats[d]
     if k == 1:
         return s.moved(d)
-    if not isinstance(k, int):
-        raise NoRule(f"{node.name}: repeats the sharded dim a symbolic number of times")
-    return make_shard(d, segments_of(s, _shape(node.args[0])[s.dim]) * k)     # each copy is one more block
+    parts, size = segments_of(s, _shape(x)[s.dim]), sym_shape(x)[s.dim]
+    times = k if isinstance(k, int) else k.name
+    if not s.folded and not is_static(size):
+        raise NoRule(f"{node.name}: repeats {times} times the sharded dim of {x.name}, of symbolic size {size}: "
+                     f"blocks whose size changes with the symbolic sizes")
+    if isinstance(k, int) and not s.folded:
+        return make_shard(d, parts * k)                  # each copy is one more block
+    if s.segments:
+        raise NoRule(f"{node.name}: repeats {times} times the sharded dim of {x.name}, in unequal parts "
+                     f"{[z for z, _ in parts]}: a symbolic number of unequal blocks")
+    copies = _shape(node)[d] // _shape(x)[s.dim]        # at the example's sizes
+    return make_shard(d, parts * copies, folded=True)
 
 
 @rule(aten.index.Tensor)
@@ -310,6 +351,7 @@ def _index_as_slice(t, node, x, s, indices):
     values = t.constant(indices[k]) if len(indices) == k + 1 and all(i is None for i in indices[:k]) else None
     if values is None or values.dim() != 1 or values.numel() == 0:
         raise NoRule(f"{node.name}: indexes the sharded dim (not with a constant run of positions)")
+    _static_dim(t, node, x, k, "indexes")
     size = _shape(x)[k]
     pos = [int(v) % size for v in values.tolist()]
     if pos != list(range(pos[0], pos[0] + len(pos))):
@@ -345,7 +387,8 @@ def _reduce_dims(t, node):
     dims = [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if s.dim in dims and node.target == aten.sum.dim_IntList:     # each shard's sum is a partial sum
-        unshared = make_shard(s.dim, [(z, 1) for z, _ in segments_of(s, _shape(node.args[0])[s.dim])])
+        unshared = make_shard(s.dim, [(z, 1) for z, _ in segments_of(s, _shape(node.args[0])[s.dim])],
+                              folded=s.folded)
         if unshared != s:
             t.want(node, node.args[0], unshared)
         t.reduce.add(node)

@@ -67,7 +67,7 @@ def _contract(t, node, a, da, b, db):
     """``a`` (dim ``da``) and ``b`` (dim ``db``) are contracted: both cut the same plain way, partial sums."""
     s = t.lay(a) or t.lay(b)
     segs = [(z, 1) for z, _ in segments_of(s, _shape(a if t.lay(a) else b)[s.dim])]
-    plain = make_shard(0, segs)
+    plain = make_shard(0, segs, folded=s.folded)
     for arg, d in ((a, da), (b, db)):
         if t.lay(arg) != plain.moved(d):
             t.want(node, arg, plain.moved(d))
@@ -197,7 +197,8 @@ def _einsum(t, node):
             for a, sub in zip(operands, subs)]
     if letter not in out:
         first = next(a for a in operands if t.lay(a) is not None)
-        plain = make_shard(0, [(z, 1) for z, _ in segments_of(t.lay(first), _shape(first)[t.lay(first).dim])])
+        plain = make_shard(0, [(z, 1) for z, _ in segments_of(t.lay(first), _shape(first)[t.lay(first).dim])],
+                           folded=t.lay(first).folded)
         for a, d in zip(operands, dims):
             if d is not None and t.lay(a) != plain.moved(d):
                 t.want(node, a, plain.moved(d))
