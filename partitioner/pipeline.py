@@ -264,9 +264,9 @@ def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossi
     return state + buffer_bytes + inflight * saved_bytes + transient_bytes + 2 * crossing_bytes
 
 
-def explain_memory(costs: PipelineCosts, n_stages: int, memory_of) -> tuple[float, str]:
+def explain_memory(costs: PipelineCosts, n_stages: int, memory_of, allowed=None) -> tuple[float, str]:
     """The largest per-stage memory of the time-optimal split, and every stage's, for when nothing fits."""
-    cuts = solve_cuts(costs, n_stages)
+    cuts = solve_cuts(costs, n_stages, allowed=allowed)
     bounds = [0] + cuts + [len(costs.order)]
     need = [float(memory_of(k, np.array([s]), e)[0]) for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return max(need), ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(need))

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from passes._util import block_path, format_bytes, format_seconds
-from .pipeline import PipelineCosts, explain_memory, memory_model, solve_cuts, unit_boundaries
+from .pipeline import (PipelineCosts, explain_memory, memory_model, solve_cuts, state_per_param_byte,
+                       unit_boundaries)
 from .plan import DP_MODES
 from .schedules import SCHEDULES
 from .simulate_step import StageTiming, simulate_plan
@@ -89,6 +90,7 @@ class Planner:
     precision: str = "fp32"                 # "mixed": a bf16/fp16 model with fp32 master weights and moments
     coarse_above: int = 1500                # more cut positions than this: search at block boundaries
     _graphs: dict = field(default_factory=dict)
+    _cuts: dict = field(default_factory=dict)
 
     def graphs(self, tp: int) -> _Graphs:
         if tp not in self._graphs:
@@ -124,20 +126,32 @@ class Planner:
         if tp > 1 and not g.info.row and not g.info.expert:
             return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
         n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
+        if g.allowed is not None and not exact and positions is None:
+            n_cuttable = min(n_cuttable, len(g.allowed))
         if pp - 1 > n_cuttable:
             return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
+        floor = self._state_floor(g, mesh, data_parallel)
+        if self.memory_limit is not None and floor > self.memory_limit:
+            return _reject(base, f"does not fit memory_limit={format_bytes(self.memory_limit)}: parameters and "
+                                 f"optimizer state alone need {format_bytes(floor)} per device", floor,
+                           f"at least {format_bytes(floor)} for parameters and optimizer state")
         costs = g.costs.at_fraction(1.0 / (dp * m))
         memory_of = memory_model(costs, pp, training=self.training, schedule=schedule, n_microbatches=m,
                                  optimizer=self.optimizer, dp=dp, dp_mode=data_parallel,
                                  unit_param_bytes=g.unit_param_bytes, precision=self.precision)
         limit = self.memory_limit
         if positions is None:
-            try:
-                positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of,
-                                       allowed=None if exact else g.allowed)
-            except ValueError:
-                need, text = explain_memory(costs, pp, memory_of)
-                return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
+            allowed = None if exact else g.allowed
+            positions = self._fastest_cuts(tp, pp, costs, allowed)        # the same for every schedule and mode
+            bounds = [0] + list(positions) + [len(costs.order)]
+            over = limit is not None and any(memory_of(k, np.array([s]), e)[0] > limit
+                                             for k, (s, e) in enumerate(zip(bounds, bounds[1:])))
+            if over:
+                try:
+                    positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of, allowed=allowed)
+                except ValueError:
+                    need, text = explain_memory(costs, pp, memory_of, allowed=allowed)
+                    return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
         bounds = [0] + list(positions) + [len(costs.order)]
         timings = [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
         peak = max(t.memory_bytes for t in timings)
@@ -150,6 +164,21 @@ class Planner:
         return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
                          positions=tuple(positions), cost=cost)
+
+    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed) -> list[int]:
+        """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
+        key = (tp, pp, costs.fraction, allowed is None)
+        if key not in self._cuts:
+            self._cuts[key] = solve_cuts(costs, pp, allowed=allowed)
+        return self._cuts[key]
+
+    def _state_floor(self, g: _Graphs, mesh: dict, data_parallel: str) -> float:
+        """A lower bound of any stage's parameter and optimizer state per device (the stages share it evenly
+        at best), to reject meshes without cutting."""
+        if not self.training:
+            return 0.0
+        state = float(g.costs.params[-1]) * state_per_param_byte(self.optimizer, self.precision) / mesh["pp"]
+        return state / mesh["dp"] if data_parallel == "shard" else state
 
     def _timing(self, g: _Graphs, costs: PipelineCosts, memory_of, k: int, start: int, end: int) -> StageTiming:
         time = float(costs.work[end] - costs.work[start])
@@ -225,7 +254,7 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
     for mesh in candidate_meshes:
         best_here = None
         for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
-            for sched in ([schedule] if schedule else (["1f1b", "gpipe"] if mesh["pp"] > 1 else ["1f1b"])):
+            for sched in ([schedule] if schedule else ["1f1b"]):   # GPipe: 1F1B's bubble with more in flight
                 for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
                     c = planner.evaluate(mesh, m, sched, mode, positions=positions)
                     tried.append(c)

@@ -35,7 +35,9 @@ import torch.fx
 
 from passes._util import fetch_attr, node_value, tensor_bytes
 from .layout import NoRule, Shard, divides, is_static, make_shard, narrows, segments_of
-from .rules import _shape, op_name, rule_for, sym_shape
+from .rules import reshape_layout  # noqa: F401  (importing rules and rules_compute fills the rule table)
+from .rules_compute import conv_groups  # noqa: F401
+from .rule_table import _shape, op_name, rule_for, sym_shape
 from .seeds import (_CONVS, _GROUPED_MM, _PARAM_VIEWS, MATMULS, _param_chain, _param_dim, _Seed, _seed_groups,
                     _vocab_seed, seed_input)
 

@@ -22,7 +22,8 @@ from passes._keys import COLLECTIVE, COST, LOCAL_SLICE, ORIGIN, SHARD
 from passes._util import block_path, fetch_attr, module_path, node_value, tensor_bytes
 from .layout import Shard, is_static, local_size, segments_of, take_ranges
 from .regions import Sharding
-from .rules import conv_groups, sym_shape
+from .rule_table import sym_shape
+from .rules_compute import conv_groups
 
 __all__ = ["build_shard", "sliced_params", "simulate", "simulate_shards", "block_of", "ALL_REDUCE", "ALL_GATHER", "WAIT"]
 

@@ -21,98 +21,17 @@ import torch.fx
 
 from passes._util import node_value
 from .layout import NoRule, Shard, is_static, make_shard, narrows, reshape_layout, same_size, segments_of
+from .rule_table import (POINTWISE, _agree, _shape, _sharded, _static_dim, _tensor_args, op_name, rule, rule_for,
+                         sym_shape)
 
-__all__ = ["Shard", "rule", "rule_for", "reshape_layout", "NoRule", "op_name", "conv_groups", "subscripts"]
+__all__ = ["Shard", "rule", "rule_for", "reshape_layout", "NoRule", "op_name", "sym_shape"]
 
 aten = torch.ops.aten
 
 
-def op_name(target) -> str:
-    """``"aten::mm"``, ``"transformers::grouped_mm_fallback"``: the key of a custom op's rules."""
-    return target.name() if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
-
-
-_RULES: dict = {}
-
-
-def rule(*ops):
-    """Register a rule for ATen overloads (or custom ops by name: ``"namespace::op"``)."""
-    def register(fn):
-        for op in ops:
-            _RULES[op] = fn
-        return fn
-    return register
-
-
-def rule_for(target):
-    """The rule of ``target``: by overload, by custom-op name, elementwise by its ``pointwise`` tag; else None."""
-    found = _RULES.get(target)
-    if found is None and isinstance(target, torch._ops.OpOverload):
-        found = _RULES.get(target.name())
-        if found is None and torch.Tag.pointwise in target.tags:
-            found = _pointwise
-    return found
-
-
-def _shape(node) -> tuple:
-    return tuple(node_value(node).shape)
-
-
-def sym_shape(node) -> tuple:
-    """The shape a node's value has at every size: ``SymInt`` where the capture left a dim symbolic."""
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else _shape(node)
-
-
-def _static_dim(t, node, arg, dim: int, what: str) -> None:
-    """Refuse an op that cuts the sharded dim ``dim`` of ``arg`` at positions read at the example's sizes,
-    when that dim's size is symbolic (the batch folded into it)."""
-    size = sym_shape(arg)[dim]
-    if t.lay(arg).folded or not is_static(size):
-        raise NoRule(f"{node.name}: {what} the sharded dim of {arg.name}, whose size {size} is symbolic "
-                     f"(the pieces would hold at the example's sizes only)")
-
-
-def _tensor_args(node):
-    return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
-
-
-def _sharded(t, node, arg) -> Shard:
-    s = t.lay(arg)
-    if s is not None and not isinstance(s, Shard):
-        raise NoRule(f"{node.name}: a multi-output value used directly")
-    return s
-
-
-def _agree(t, node, args, dims) -> Shard | None:
-    """The one layout ``args`` (on right-aligned ``dims`` of the output) share: sharded ones narrowed to the
-    finest among them, replicated ones that span the dim cut locally. None when none is sharded. A value
-    every shard holds whole (``rep == n``) broadcasts like a replicated one."""
-    target, size = None, None
-    for a, d in zip(args, dims):
-        s = _sharded(t, node, a)
-        if s is None or (s.whole(t.n) and (d is None or d < 0 or s.dim != d)):
-            continue
-        if s.dim != d:
-            raise NoRule(f"{node.name}: inputs sharded on different dims")
-        if target is None or narrows(target.moved(d), s, _shape(a)[d]):
-            target, size = s, _shape(a)[d]
-        elif not narrows(s, target.moved(d), size):
-            raise NoRule(f"{node.name}: inputs split differently ({target} and {s})")
-    if target is None:
-        return None
-    for a, d in zip(args, dims):
-        if d is None or d < 0:
-            continue
-        s = t.lay(a)
-        if (s is None and _shape(a)[d] != 1) or (s is not None and s != target.moved(d) and _shape(a)[d] != 1):
-            t.want(node, a, target.moved(d))
-    return target
-
-
 # -- elementwise, shape and movement ops --------------------------------------------------------------
 
-@rule(aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+@rule(POINTWISE, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
       aten.alias.default, aten.detach.default, aten.contiguous.default, aten.clone.default, aten.where.ScalarOther,
       aten.where.ScalarSelf, aten.__and__.Tensor, aten.__or__.Tensor, aten.masked_fill.Scalar,
       aten.masked_fill.Tensor, aten.type_as.default, aten.lift_fresh_copy.default, aten.hardswish_.default,
@@ -444,8 +363,3 @@ def _batch_norm(t, node):
     if node.target == aten.batch_norm.default:
         return s
     return tuple(s if k == 0 else s.moved(0) for k in range(len(node_value(node))))
-
-
-from .rules_compute import conv_groups, subscripts  # noqa: E402  (importing it registers its rules)
-
-_subscripts = subscripts

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from .layout import NoRule, Shard, make_shard, segments_of
-from .rules import _agree, _shape, _sharded, rule
+from .rule_table import _agree, _shape, _sharded, rule
 
 __all__ = ["conv_groups", "subscripts"]
 

@@ -13,7 +13,8 @@ import torch
 import torch.fx
 
 from passes._util import node_value
-from .rules import _shape, op_name, subscripts
+from .rule_table import _shape, op_name
+from .rules_compute import subscripts
 
 __all__ = ["MATMULS", "seed_input"]
 
