@@ -113,11 +113,13 @@ class Planner:
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
-                 positions: list[int] | None = None, near: tuple | None = None) -> Candidate:
+                 positions: list[int] | None = None, near: tuple | None = None, quick: bool = True) -> Candidate:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
         A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
-        so), at any node of the parts next to those cuts.
+        so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
+        state alone exceeds the memory limit without cutting it (False: cut it, to say what each
+        stage would need).
         """
         dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
         base = Candidate(dict(mesh), m, schedule, data_parallel)
@@ -132,7 +134,7 @@ class Planner:
         if pp - 1 > n_cuttable:
             return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
         floor = self._state_floor(g, mesh, data_parallel)
-        if self.memory_limit is not None and floor > self.memory_limit:
+        if quick and self.memory_limit is not None and floor > self.memory_limit:
             return _reject(base, f"does not fit memory_limit={format_bytes(self.memory_limit)}: parameters and "
                                  f"optimizer state alone need {format_bytes(floor)} per device", floor,
                            f"at least {format_bytes(floor)} for parameters and optimizer state")
@@ -277,6 +279,11 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
         log.debug("mesh %s: best %s", mesh, best_here.summary() if best_here else "none fits")
     fitting = [c for c in tried if c.fits]
     if not fitting:
+        by_memory = [c for c in tried if c.need_bytes]
+        if by_memory:          # what the least demanding one needs, stage by stage
+            least = min(by_memory, key=lambda c: c.need_bytes)
+            tried.append(planner.evaluate(least.mesh, least.n_microbatches, least.schedule, least.data_parallel,
+                                          positions=positions, quick=False))
         raise ValueError(_nothing_fits(tried, planner.memory_limit))
     best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
     return best, tried
@@ -287,7 +294,8 @@ def _nothing_fits(tried: list[Candidate], limit) -> str:
     by_memory = [c for c in tried if c.need_bytes]
     head = ""
     if by_memory:
-        least = min(by_memory, key=lambda c: c.need_bytes)
+        staged = [c for c in by_memory if c.need_text.startswith("stage")]
+        least = min(staged or by_memory, key=lambda c: c.need_bytes)
         head = (f"memory_limit={format_bytes(limit)} per device; the least memory needs {least.need_text} "
                 f"({least.label()}). Try more devices, more micro-batches (n_microbatches), a smaller batch, "
                 f"data_parallel='shard', or passes.recompute to save activations\n")
