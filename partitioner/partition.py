@@ -6,6 +6,7 @@ and everything under it is chosen by ``search`` with the step simulator as the o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
               *, strategy: str = "auto", mesh: dict | None = None, data_parallel: str | None = None,
               device: "str | DeviceSpec | None" = None, devices_per_node: int = 8, memory_limit: int | None = None,
               training: bool = True, n_microbatches: int | None = None, schedule: str | None = None,
-              optimizer: str | None = "adamw", balance: str = "time", cuts: Sequence[str] | None = None) -> Plan:
+              optimizer: str | None = "adamw", balance: str = "time", cuts: Sequence[str] | None = None,
+              recompute: bool | None = None) -> Plan:
     """The fastest way to run ``model`` on ``n_devices``: a mesh ``dp x tp x pp`` and everything under it.
 
     Every candidate is scored by the simulated step of the global batch (compute, the
@@ -64,6 +66,9 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
         balance: "time" (compute + communication on ``device``) or "flops" for the pipeline cuts.
         cuts: pin the pipeline cuts yourself: node names or module paths (cut where the module
             starts), ``pp - 1`` of them, in order (with ``strategy="pipeline"`` or a mesh).
+        recompute: recompute every block's activations in backward (full activation checkpointing per
+            block; the runtime applies it): None where a candidate's activations do not fit otherwise,
+            True always, False never.
 
     Returns:
         A ``Plan``: ``plan(*inputs)`` runs it, ``plan.report()`` explains it, ``plan.candidates``
@@ -103,7 +108,7 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     start = time.perf_counter()
     try:
         best, tried = search(planner, candidate_meshes, n_microbatches=n_microbatches, schedule=schedule,
-                             data_parallel=data_parallel, positions=positions)
+                             data_parallel=data_parallel, positions=positions, recompute=recompute)
     except ValueError as exc:
         raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
     best = _refined(planner, best, positions)
@@ -119,7 +124,7 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
 def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, strategy: str, tried) -> Plan:
     """The plan of the chosen candidate: its stage and shard modules, costs and decisions."""
     mesh, m = best.mesh, best.n_microbatches
-    g = planner.graphs(mesh["tp"])
+    g = planner.graphs(mesh["tp"], best.recompute)
     costs_mb = g.costs.at_fraction(1.0 / (mesh["dp"] * m))
     memory_of = memory_model(costs_mb, mesh["pp"], training=planner.training, schedule=best.schedule,
                              n_microbatches=m, optimizer=planner.optimizer, dp=mesh["dp"], dp_mode=best.data_parallel,
@@ -134,7 +139,7 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
         sharding=g.info.decisions() if g.info is not None else None, schedule=best.schedule, n_microbatches=m,
         data_parallel=best.data_parallel, training=planner.training, optimizer=planner.optimizer,
         memory_limit=planner.memory_limit, balance=planner.balance, device=planner.spec,
-        devices_per_node=planner.devices_per_node, precision=planner.precision)
+        devices_per_node=planner.devices_per_node, precision=planner.precision, recompute=best.recompute)
     gm = planner.gm
     modules = [s.module for s in stages]
     info = getattr(gm.graph._codegen, "pytree_info", None)
@@ -152,7 +157,8 @@ def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
     g = planner.graphs(best.mesh["tp"])
     if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
         return best
-    fine = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, near=best.positions)
+    fine = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, near=best.positions,
+                            recompute=best.recompute)
     return fine if fine.fits and fine.step_time_s <= best.step_time_s else best
 
 
@@ -352,9 +358,9 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
     m = decisions.n_microbatches
     if planner.batch % (mesh["dp"] * m):
         m = 1                                 # costs only: the runtime splits whatever batch it gets
-    best = planner.evaluate(mesh, m, decisions.schedule, decisions.data_parallel, positions=positions)
-    best = Candidate(best.mesh, decisions.n_microbatches, best.schedule, best.data_parallel, best.step_time_s,
-                     best.peak_bytes, best.bubble_fraction, best.comm_s, best.positions, best.cost, best.reason)
+    best = planner.evaluate(mesh, m, decisions.schedule, decisions.data_parallel, positions=positions,
+                            recompute=decisions.recompute)
+    best = dataclasses.replace(best, n_microbatches=decisions.n_microbatches)
     if not best.fits:
         raise ValueError(f"the plan in {path} does not apply to {type(model).__name__}: {best.reason}")
     return _build(planner, best, model, saved.get("model", ""), strategy=decisions.strategy, tried=())

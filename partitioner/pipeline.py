@@ -101,6 +101,35 @@ class PipelineCosts:
                                    total=float(node.sum()), fraction=f,
                                    crossing_bytes=[b * scale for b in self.crossing_bytes])
 
+    def checkpointed(self) -> "PipelineCosts":
+        """These costs with every block recomputed in backward (full activation checkpointing per block,
+        torchtitan's and Megatron-LM's "full" recompute; what ``runtime`` applies when a plan says so).
+
+        A block (``layers.3``) keeps only what enters it (the bytes crossing its first position); its
+        backward runs its forward again first, so its nodes cost forward + forward + backward, and
+        while it does, all of one block's activations are live (a transient at its first node).
+        Nodes outside blocks (embeddings, head) keep their activations. Time-balanced costs only.
+        """
+        if self.node_time is None or self.node_forward is None or self.fraction != 1.0:
+            raise ValueError("checkpointed() needs the time-balanced costs of the whole example")
+        keys = [block_path(n) for n in self.order.nodes]
+        saved = np.diff(self.saved)
+        out_bytes = self.out_bytes.copy()
+        node_time = self.node_time.copy()
+        start = 0
+        for k in range(1, len(keys) + 1):
+            if k < len(keys) and keys[k] == keys[start]:
+                continue
+            if keys[start] is not None:                     # the block [start, k)
+                out_bytes[start] = max(out_bytes[start], float(saved[start:k].sum()))
+                saved[start:k] = 0.0
+                saved[start] = float(self.crossing_bytes[start])
+                node_time[start:k] += self.node_forward[start:k]
+            start = k
+        work = _prefix(node_time)
+        return dataclasses.replace(self, work=work, saved=_prefix(saved), out_bytes=out_bytes, node_time=node_time,
+                                   unit_max=float(node_time.max(initial=0.0)), total=float(node_time.sum()))
+
     def largest_output(self, starts: np.ndarray, end) -> np.ndarray:
         """The largest single allocation of nodes ``[start, end)`` for every start (and end, broadcast):
         a sparse table answers each pair in O(1). Pairs with ``start >= end`` give a meaningless value."""

@@ -50,6 +50,7 @@ class Decisions:
     device: Any = None                 # passes.DeviceSpec
     devices_per_node: int = 8
     precision: str = "fp32"            # "mixed": half-precision parameters, fp32 gradients, master weights, moments
+    recompute: bool = False            # every block's activations recomputed in backward (the runtime applies it)
 
     def __post_init__(self):
         if set(self.mesh) != set(AXES) or not all(isinstance(v, int) and v >= 1 for v in self.mesh.values()):

@@ -17,7 +17,8 @@ def plan_report(plan) -> str:
             f"{'training' if plan.training else 'inference'}"
             + (f", schedule {plan.schedule}" if mesh["pp"] > 1 else "")
             + f", {plan.n_microbatches} micro-batch{'es' if plan.n_microbatches > 1 else ''} per replica"
-            + (f", data parallel: {plan.data_parallel}" if mesh["dp"] > 1 else ""))
+            + (f", data parallel: {plan.data_parallel}" if mesh["dp"] > 1 else "")
+            + (", every block recomputed in backward" if plan.decisions.recompute else ""))
     c = plan.cost
     lines = [head, "",
              f"step (simulated, global batch): {format_seconds(c.step_time_s)}; busiest stage computes "

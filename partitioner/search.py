@@ -9,6 +9,7 @@ simulated step (``simulate_step``). ``search`` tries them all and keeps the fast
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class Candidate:
     peak_bytes: int = 0
     bubble_fraction: float = 0.0
     comm_s: float = 0.0                   # communication time of the step (all axes, before overlap)
+    recompute: bool = False               # every block's activations recomputed in backward
     positions: tuple = ()                 # cut positions in the graph a device runs
     cost: object = None                   # plan.PlanCost
     reason: str = ""                      # why it was rejected ("" when it fits)
@@ -52,7 +54,8 @@ class Candidate:
         mesh = " x ".join(f"{k}{self.mesh[k]}" for k in ("dp", "tp", "pp"))
         extra = f", {self.data_parallel}" if self.mesh["dp"] > 1 else ""
         sched = f", {self.schedule}" if self.mesh["pp"] > 1 else ""
-        return f"{mesh}, m={self.n_microbatches}{sched}{extra}"
+        again = ", recompute" if self.recompute else ""
+        return f"{mesh}, m={self.n_microbatches}{sched}{extra}{again}"
 
     def summary(self) -> str:
         if self.reason:
@@ -92,10 +95,15 @@ class Planner:
     _graphs: dict = field(default_factory=dict)
     _cuts: dict = field(default_factory=dict)
 
-    def graphs(self, tp: int) -> _Graphs:
-        if tp not in self._graphs:
-            self._graphs[tp] = self._make_graphs(tp)
-        return self._graphs[tp]
+    def graphs(self, tp: int, recompute: bool = False) -> _Graphs:
+        key = (tp, recompute)
+        if key not in self._graphs:
+            if recompute:
+                g = self.graphs(tp)
+                self._graphs[key] = dataclasses.replace(g, costs=g.costs.checkpointed())
+            else:
+                self._graphs[key] = self._make_graphs(tp)
+        return self._graphs[key]
 
     def _make_graphs(self, tp: int) -> _Graphs:
         info, sharded, graph = None, None, self.gm
@@ -113,19 +121,20 @@ class Planner:
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
-                 positions: list[int] | None = None, near: tuple | None = None, quick: bool = True) -> Candidate:
+                 positions: list[int] | None = None, near: tuple | None = None, quick: bool = True,
+                 recompute: bool = False) -> Candidate:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
         A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
         so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
         state alone exceeds the memory limit without cutting it (False: cut it, to say what each
-        stage would need).
+        stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
         """
         dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
-        base = Candidate(dict(mesh), m, schedule, data_parallel)
+        base = Candidate(dict(mesh), m, schedule, data_parallel, recompute=recompute)
         if self.batch % (dp * m):
             return _reject(base, f"the batch of {self.batch} does not split into dp x micro-batches = {dp * m}")
-        g = self.graphs(tp)
+        g = self.graphs(tp, recompute)
         if tp > 1 and not g.info.row and not g.info.expert:
             return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
         n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
@@ -145,7 +154,7 @@ class Planner:
         limit = self.memory_limit
         if positions is None:
             allowed = g.allowed if near is None else _around(g.allowed, near, len(costs.order))
-            positions = self._fastest_cuts(tp, pp, costs, allowed)        # the same for every schedule and mode
+            positions = self._fastest_cuts(tp, pp, costs, allowed, recompute)   # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
             over = limit is not None and any(memory_of(k, np.array([s]), e)[0] > limit
                                              for k, (s, e) in enumerate(zip(bounds, bounds[1:])))
@@ -166,11 +175,11 @@ class Planner:
                              optimizer=self.optimizer, precision=self.precision)
         return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
-                         positions=tuple(positions), cost=cost)
+                         positions=tuple(positions), cost=cost, recompute=recompute)
 
-    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed) -> list[int]:
+    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False) -> list[int]:
         """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
-        key = (tp, pp, costs.fraction, None if allowed is None else (len(allowed), int(allowed.sum())))
+        key = (tp, pp, costs.fraction, recompute, None if allowed is None else (len(allowed), int(allowed.sum())))
         if key not in self._cuts:
             self._cuts[key] = solve_cuts(costs, pp, allowed=allowed)
         return self._cuts[key]
@@ -215,7 +224,7 @@ def _around(boundaries: np.ndarray | None, cuts: tuple, n: int) -> np.ndarray | 
 
 def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:
     return Candidate(base.mesh, base.n_microbatches, base.schedule, base.data_parallel, reason=reason,
-                     need_bytes=need, need_text=text)
+                     need_bytes=need, need_text=text, recompute=base.recompute)
 
 
 def _float_crossing(costs: PipelineCosts, end: int) -> float:
@@ -258,10 +267,12 @@ def meshes(n_devices: int, *, devices_per_node: int = 8, fixed: dict | None = No
 
 
 def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: int | None, schedule: str | None,
-           data_parallel: str | None, positions: list[int] | None = None) -> tuple[Candidate, list[Candidate]]:
+           data_parallel: str | None, positions: list[int] | None = None,
+           recompute: bool | None = None) -> tuple[Candidate, list[Candidate]]:
     """The fastest candidate that fits, and every candidate tried (with the rejected ones' reasons).
 
-    ``positions`` pins the cuts (one mesh only).
+    ``positions`` pins the cuts (one mesh only). ``recompute``: None tries recomputing every block
+    for a candidate whose activations do not fit (and only then); True always, False never.
 
     Raises:
         ValueError: no candidate fits; the message says what the closest ones need.
@@ -272,7 +283,10 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
         for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
             for sched in ([schedule] if schedule else ["1f1b"]):   # GPipe: 1F1B's bubble with more in flight
                 for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
-                    c = planner.evaluate(mesh, m, sched, mode, positions=positions)
+                    c = planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=bool(recompute))
+                    if recompute is None and _activations_too_big(c):
+                        tried.append(c)
+                        c = planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=True)
                     tried.append(c)
                     if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
                         best_here = c
@@ -283,10 +297,15 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
         if by_memory:          # what the least demanding one needs, stage by stage
             least = min(by_memory, key=lambda c: c.need_bytes)
             tried.append(planner.evaluate(least.mesh, least.n_microbatches, least.schedule, least.data_parallel,
-                                          positions=positions, quick=False))
+                                          positions=positions, quick=False, recompute=least.recompute))
         raise ValueError(_nothing_fits(tried, planner.memory_limit))
     best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
     return best, tried
+
+
+def _activations_too_big(c: Candidate) -> bool:
+    """Rejected for memory once cut (not for its parameter state alone, which recomputing cannot shrink)."""
+    return not c.fits and c.need_bytes > 0 and not c.need_text.startswith("at least")
 
 
 def _nothing_fits(tried: list[Candidate], limit) -> str:

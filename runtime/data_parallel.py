@@ -24,6 +24,7 @@ wraps the module (shard).
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 
 __all__ = ["GradSync", "shard_module", "BUCKET_BYTES"]
@@ -97,7 +98,8 @@ class GradSync:
         self._armed = False
 
 
-def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_forward: bool) -> torch.nn.Module:
+def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_forward: bool,
+                 recompute: bool = False) -> torch.nn.Module:
     """``fully_shard`` a stage's graph over the data-parallel axis of ``device_mesh`` (FSDP2), one group per block.
 
     Returns the wrapping module (``Units``); ``original_names(module)`` maps its parameter and
@@ -105,7 +107,7 @@ def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_for
     left whole (read by several blocks), whose gradients the caller averages.
     """
     from torch.distributed.fsdp import fully_shard
-    units = split_by_block(module)
+    units = split_by_block(module, recompute=recompute)
     shared = units.shared_params()
     for unit in units.units:
         own = list(unit.parameters())
@@ -124,15 +126,20 @@ def replicated_params(module: torch.nn.Module) -> list:
 
 
 class Units(torch.nn.Module):
-    """A stage's graph as a sequence of per-block GraphModules run one after the other.
+    """A stage's graph as a sequence of GraphModules (one per block, and the parts between) run in turn.
 
     Each unit holds the parameters its nodes read; values live across a boundary are passed
     along (``partitioner.graph_split``), so the units together compute what the graph does.
+    Units in ``recompute`` keep only their inputs for backward and run their forward again there
+    (``Recomputed``: ``torch.utils.checkpoint``, non-reentrant, random state replayed, so dropout
+    draws the same).
     """
 
-    def __init__(self, units: list[torch.fx.GraphModule], names: dict):
+    def __init__(self, units: list[torch.fx.GraphModule], names: dict, recompute: tuple = ()):
         super().__init__()
-        self.units = torch.nn.ModuleList(units)
+        # recomputed units are wrapped before any fully_shard, so FSDP's gathers sit outside the
+        # checkpointed region and run again when it does (as torchtitan orders AC and FSDP)
+        self.units = torch.nn.ModuleList(Recomputed(u) if i in recompute else u for i, u in enumerate(units))
         self.meta = {"fxpart.names": names}
 
     def forward(self, *args):
@@ -152,8 +159,25 @@ class Units(torch.nn.Module):
         return shared
 
 
-def split_by_block(gm: torch.fx.GraphModule) -> Units:
-    """``gm`` cut at every block boundary (``layers.3`` -> ``layers.4``) where a cut is allowed."""
+class Recomputed(torch.nn.Module):
+    """A module that keeps only its inputs for backward and runs its forward again there."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        if not torch.is_grad_enabled():
+            return self.inner(*args)
+        return torch.utils.checkpoint.checkpoint(self.inner, *args, use_reentrant=False)
+
+
+def split_by_block(gm: torch.fx.GraphModule, *, recompute: bool = False) -> Units:
+    """``gm`` cut where a block (``layers.3``) begins or ends, at the first place a cut is allowed.
+
+    ``recompute``: the units that are blocks recompute their activations in backward (the plan's
+    ``recompute`` decision; what ``PipelineCosts.checkpointed`` costs).
+    """
     from partitioner.graph_split import ComputeOrder, build_stage
     from passes._util import block_path
     order = ComputeOrder.of(gm)
@@ -161,17 +185,18 @@ def split_by_block(gm: torch.fx.GraphModule) -> Units:
     cuts, previous = [], None
     for k, node in enumerate(order.nodes):
         block = block_path(node)
-        if block is not None and block != previous:
-            if previous is not None:
-                cut = next((j for j in range(k, len(order)) if ok[j]), None)
-                if cut is not None and (not cuts or cut > cuts[-1]) and 0 < cut < len(order):
-                    cuts.append(cut)
-            previous = block
+        if block != previous and k > 0:
+            cut = next((j for j in range(k, len(order)) if ok[j]), None)
+            if cut is not None and (not cuts or cut > cuts[-1]) and 0 < cut < len(order):
+                cuts.append(cut)
+        previous = block
     bounds = [0] + cuts + [len(order)]
     units = [build_stage(order, s, e, name=f"Unit{i}") for i, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+    blocks = tuple(i for i, (s, e) in enumerate(zip(bounds, bounds[1:]))
+                   if sum(block_path(n) is not None for n in order.nodes[s:e]) * 2 > e - s)
     original = {id(t): name for name, t in list(gm.named_parameters(remove_duplicate=False)) +
                 list(gm.named_buffers(remove_duplicate=False))}
-    wrapper = Units(units, {})
+    wrapper = Units(units, {}, recompute=blocks if recompute else ())
     wrapper.meta["fxpart.names"] = {name: original.get(id(t), name) for name, t in
                                     list(wrapper.named_parameters(remove_duplicate=False)) +
                                     list(wrapper.named_buffers(remove_duplicate=False))}

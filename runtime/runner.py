@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from partitioner.plan import concat_outputs, split_batch
 from partitioner.schedules import SCHEDULES, make_schedule
 from .checkpoint import gather_full_state, local_state, merge_shards, merge_state_dicts, shard_file
-from .data_parallel import GradSync, original_names, replicated_params, shard_module
+from .data_parallel import GradSync, original_names, replicated_params, shard_module, split_by_block
 from .memory import LiveActivations, peak_tracker
 from .pipeline import StageDriver, StageError
 from .tensor_parallel import megatron_graph
@@ -87,10 +87,11 @@ class Runner:
         self._graph = graph
         self._tied = self._tied_groups(plan.shared_params)
         self._grad_sync = None
-        self.module = graph
+        recompute = bool(plan.decisions.recompute)
+        self.module = split_by_block(graph, recompute=True) if recompute else graph
         if self.mesh["dp"] > 1 and plan.data_parallel == "shard":
             self.module = shard_module(graph, self.topology.device_mesh["dp"],
-                                       reshard_after_forward=self.mesh["pp"] == 1)
+                                       reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute)
             whole = replicated_params(self.module)
             if whole:                                  # read by several blocks: replicated, gradients averaged
                 self._grad_sync = GradSync(whole, self.topology.group("dp"))

@@ -82,8 +82,16 @@ MESHES = {   # name -> (mesh, data-parallel mode, models)
     "dp2tp2": ({"dp": 2, "tp": 2}, "replicate", ("mlp", "gpt2", "llama")),
     "tp2pp2": ({"tp": 2, "pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
     "dp2tp2pp2": ({"dp": 2, "tp": 2, "pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
+    # every block recomputed in backward (the plan's recompute decision), alone and under FSDP2
+    "pp2-recompute": ({"pp": 2}, "replicate", ("gpt2", "llama")),
+    "dp2-shard-recompute": ({"dp": 2}, "shard", ("gpt2", "llama")),
+    "auto4": (None, None, ("mlp", "gpt2")),        # strategy="auto" on 4 devices: whatever mesh it chooses
 }
 BATCH, MICROBATCHES = 8, 4       # 4 micro-batches in all: dp x n_microbatches per replica
+
+
+def _world(mesh: dict | None) -> int:
+    return 4 if mesh is None else mesh.get("dp", 1) * mesh.get("tp", 1) * mesh.get("pp", 1)
 
 
 def _mesh_worker(case: str, out_path: str) -> None:
@@ -92,12 +100,17 @@ def _mesh_worker(case: str, out_path: str) -> None:
     from partitioner import partition
     from runtime import Runner, merge_shards
     mesh, mode, names = MESHES[case]
-    n_devices = mesh.get("dp", 1) * mesh.get("tp", 1) * mesh.get("pp", 1)
+    n_devices = _world(mesh)
     results = {}
     for name in names:
         model, args, kwargs, target, loss_fn = _case(name, BATCH)
-        plan = partition(model, n_devices, args, kwargs, mesh=mesh, data_parallel=mode, device="h100",
-                         n_microbatches=MICROBATCHES // mesh.get("dp", 1), schedule="1f1b")
+        if mesh is None:
+            plan = partition(model, n_devices, args, kwargs, device="h100")
+        else:
+            plan = partition(model, n_devices, args, kwargs, mesh=mesh, data_parallel=mode, device="h100",
+                             n_microbatches=MICROBATCHES // mesh.get("dp", 1), schedule="1f1b",
+                             recompute=case.endswith("recompute"))
+        assert plan.decisions.recompute == case.endswith("recompute")
         runner = Runner(plan, loss_fn=loss_fn, optimizer_fn=_sgd)
         losses = [runner.step(args, target, **kwargs) for _ in range(N_STEPS)]
         state = runner.full_state_dict()
@@ -109,8 +122,9 @@ def _mesh_worker(case: str, out_path: str) -> None:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, losses)
         groups = sum(1 for m in runner.module.modules() if type(m).__name__.startswith("FSDP"))
+        recomputed = sum(1 for m in runner.module.modules() if type(m).__name__.endswith("Recomputed"))
         results[name] = {"losses": losses, "losses_per_rank": everyone, "state": state, "merged": merged,
-                         "fsdp_groups": groups,
+                         "fsdp_groups": groups, "recomputed_units": recomputed,
                          "forward": forward.logits if hasattr(forward, "logits") else forward,
                          "state_keys": list(model.state_dict()), "mesh": plan.mesh, "mode": plan.data_parallel}
         if dist.get_rank() == 0:
@@ -245,12 +259,12 @@ def _check_state(state: dict, keys: list, ref: dict, what: str) -> None:
 @pytest.mark.parametrize("case", list(MESHES))
 def test_training_on_a_mesh_equals_one_process(case, tmp_path):
     mesh = MESHES[case][0]
-    world = mesh.get("dp", 1) * mesh.get("tp", 1) * mesh.get("pp", 1)
-    results = _launch(case, tmp_path, world, timeout_s=600)
+    results = _launch(case, tmp_path, _world(mesh), timeout_s=600)
     for name, got in results.items():
         ref = got["reference"]
-        what = f"{case} {name}"
-        assert got["mesh"] == {"dp": 1, "tp": 1, "pp": 1, **mesh} and got["mode"] == MESHES[case][1]
+        what = f"{case} {name} on {got['mesh']}"
+        if mesh is not None:
+            assert got["mesh"] == {"dp": 1, "tp": 1, "pp": 1, **mesh} and got["mode"] == MESHES[case][1]
         _close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), f"{what} losses")
         assert all(losses == got["losses"] for losses in got["losses_per_rank"]), f"{what}: ranks report other losses"
         _check_state(got["state"], got["state_keys"], ref["state"], what)
@@ -258,6 +272,8 @@ def test_training_on_a_mesh_equals_one_process(case, tmp_path):
         _check_state(got["merged"], got["state_keys"], got["state"], f"{what} merged shards")
         if got["mode"] == "shard" and name != "mlp":    # one FSDP group per transformer block, and the root's
             assert got["fsdp_groups"] >= 2, f"{what}: {got['fsdp_groups']} FSDP groups"
+        if case.endswith("recompute"):                   # the stage's blocks run under checkpoint
+            assert got["recomputed_units"] >= 1, f"{what}: no unit recomputes"
 
 
 def _check_schedules(case: str, result: dict) -> None:
