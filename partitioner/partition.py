@@ -357,7 +357,9 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
                          f"partition()") from None
     m = decisions.n_microbatches
     if planner.batch % (mesh["dp"] * m):
-        m = 1                                 # costs only: the runtime splits whatever batch it gets
+        # the example only sets the costs (the runtime splits whatever batch it is given): cost each
+        # replica's micro-batch as that share of it
+        planner.batch = mesh["dp"] * m
     best = planner.evaluate(mesh, m, decisions.schedule, decisions.data_parallel, positions=positions,
                             recompute=decisions.recompute)
     best = dataclasses.replace(best, n_microbatches=decisions.n_microbatches)

@@ -90,6 +90,18 @@ def test_plan_made_on_meta_loads_onto_an_eval_model_as_from_pretrained_returns_i
         torch.testing.assert_close(loaded(ids).logits, model(ids, use_cache=False).logits)
 
 
+def test_a_plan_loads_with_an_example_smaller_than_its_replicas_and_micro_batches(tmp_path):
+    meta = _gpt2_default_dropout("meta")
+    big = torch.zeros(16, 16, dtype=torch.long, device="meta")
+    plan = partition(meta, 4, (big,), {"use_cache": False}, mesh={"dp": 2, "pp": 2}, n_microbatches=4, device="h100")
+    model = _gpt2_default_dropout("cpu").eval()
+    ids = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(0))     # 3 sequences, 8 pieces
+    loaded = load_plan(plan.save(tmp_path / "plan.json"), model, (ids,), {"use_cache": False})
+    assert loaded.mesh == plan.mesh and loaded.n_microbatches == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids, use_cache=False).logits)
+
+
 def test_load_plan_names_the_first_parameter_that_differs(tmp_path):
     case = zoo.make("llama")
     path = partition(case.model, 2, case.args, case.kwargs, strategy="pipeline", device="h100").save(tmp_path / "p.json")
