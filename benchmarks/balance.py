@@ -188,7 +188,7 @@ def balance_rows(subject: Subject) -> tuple[list[list[str]], dict]:
                 "layer optimum": layer_optimum_cuts(subject, costs, n)}
         ratios = {}
         for method, method_cuts in cuts.items():
-            plan = partition(gm, n, subject.args, subject.kwargs, device=DEVICE, balance="flops", cuts=method_cuts)
+            plan = partition(gm, n, subject.args, subject.kwargs, strategy="pipeline", device=DEVICE, balance="flops", cuts=method_cuts)
             ratios[method] = slowest_stage_flops(plan) / lb
             if method == "fxpart":
                 info[f"fxpart_cuts_{n}"] = plan.cuts
@@ -212,7 +212,7 @@ def planning_time(n_layer: int = 48, n: int = 8) -> dict:
     t1 = time.perf_counter()
     estimate(gm, subject.args, subject.kwargs, device=DEVICE, training=True, optimizer="adamw")
     t2 = time.perf_counter()
-    plan = partition(gm, n, subject.args, subject.kwargs, device=DEVICE)
+    plan = partition(gm, n, subject.args, subject.kwargs, strategy="pipeline", device=DEVICE)
     t3 = time.perf_counter()
     # the solver and stage building alone, on the costs partition() just wrote
     from partitioner.pipeline import build_plan, memory_model
@@ -243,9 +243,9 @@ def pipelining_stage0(n: int = 4) -> dict:
     used = sum(p.numel() for p in {id(p): p for p in _used_parameters(stage0)}.values())
     head_copy = dict(last.named_parameters()).get("lm_head.weight")
     embedding = dict(stage0.named_parameters()).get("transformer.wte.weight")
-    same_split = partition(subject.model, n, subject.args, subject.kwargs, device=DEVICE, balance="flops",
+    same_split = partition(subject.model, n, subject.args, subject.kwargs, strategy="pipeline", device=DEVICE, balance="flops",
                            cuts=list(spec))
-    optimum = partition(subject.model, n, subject.args, subject.kwargs, device=DEVICE, balance="flops")
+    optimum = partition(subject.model, n, subject.args, subject.kwargs, strategy="pipeline", device=DEVICE, balance="flops")
     return {"seconds": elapsed, "held": held, "used": used,
             "head_is_separate_copy": head_copy is not None and embedding is not None and head_copy is not embedding,
             "fxpart_same_split": _n_params(same_split.stages[0].module),
@@ -341,7 +341,7 @@ def _markdown(headers, rows, infos, timing, pipe, total_s) -> str:
         md_table(["step", "seconds"], [
             ["capture (`torch.export`)", f"{timing['capture_s']:.2f}"],
             ["estimate (fake training step, costs per node)", f"{timing['estimate_s']:.2f}"],
-            ["`partition(gm, 8)` on the costed graph (reuses its estimate, solves, builds stages)",
+            ["`partition(gm, 8, strategy="pipeline")` on the costed graph (reuses its estimate, solves, builds stages)",
              f"{timing['partition_s']:.2f}"],
             ["planning alone: node costs to cuts (prefix sums, exact memory-capped solver)",
              f"{timing['solve_s']:.2f}"],

@@ -1,7 +1,7 @@
 """Pipeline runtime speed: fxpart's ``Runner`` against ``torch.distributed.pipelining`` on 2 CPU ranks.
 
 A deep MLP (``passes.zoo.mlp``) is partitioned into 2 stages with
-``partition(model, 2, inputs, device="h100", n_microbatches=m)`` for m = 4 and 8. Every rank
+``partition(model, 2, inputs, strategy="pipeline", device="h100", n_microbatches=m)`` for m = 4 and 8. Every rank
 builds the same plans; for each (m, schedule) the SAME stage modules are trained by
 
 * ``fxpart``: ``runtime.Runner(plan, schedule=..., n_microbatches=m, ...)``;
@@ -170,7 +170,7 @@ def _run_rank(args, out_path: str) -> None:
     y = torch.randn_like(x)
     results = []
     for m in MICROBATCHES:
-        plan = partition(model, N_STAGES, (x,), device="h100", n_microbatches=m)
+        plan = partition(model, N_STAGES, (x,), strategy="pipeline", device="h100", n_microbatches=m)
         for ours, theirs in SCHEDULES:
             runner = Runner(plan, schedule=ours, n_microbatches=m, loss_fn=F.mse_loss, optimizer_fn=_sgd)
             direct = _TorchPipeline(plan, rank, theirs, m)
@@ -238,7 +238,7 @@ def _report(gathered: list, args, elapsed_s: float) -> str:
     return f"""# Pipeline runtime: fxpart Runner vs torch.distributed.pipelining (2 CPU ranks, gloo)
 
 Model: `passes.zoo.mlp(depth={args.depth}, width={args.width}, batch={args.batch})`, MSE loss, SGD;
-`partition(model, 2, (x,), device="h100", n_microbatches=m)`; 2 ranks on 127.0.0.1 (gloo),
+`partition(model, 2, (x,), strategy="pipeline", device="h100", n_microbatches=m)`; 2 ranks on 127.0.0.1 (gloo),
 `torch.set_num_threads(1)` per rank. {args.warmup} warm-up steps per implementation, then the
 median of {args.steps} timed steps, the implementations interleaved (order rotated each step), a
 barrier before each step, a step's time taken on the slowest rank. Total run {elapsed_s:.0f} s.

@@ -177,6 +177,17 @@ class Planner:
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
                          positions=tuple(positions), cost=cost, recompute=recompute)
 
+    def compute_floor(self, mesh: dict, n_microbatches: int, recompute: bool = False) -> float:
+        """A lower bound of a candidate's step: its per-replica compute spread evenly over the stages
+        (no schedule, cut or communication can make the busiest stage compute less)."""
+        if self.balance != "time" or self.batch % (mesh["dp"] * n_microbatches):
+            return 0.0
+        g = self.graphs(mesh["tp"], recompute)
+        if mesh["tp"] > 1 and not g.info.row and not g.info.expert:
+            return 0.0
+        per_microbatch = g.costs.at_fraction(1.0 / (mesh["dp"] * n_microbatches)).total
+        return per_microbatch * n_microbatches / mesh["pp"]
+
     def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False) -> list[int]:
         """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
         key = (tp, pp, costs.fraction, recompute, None if allowed is None else (len(allowed), int(allowed.sum())))
@@ -277,19 +288,32 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
     Raises:
         ValueError: no candidate fits; the message says what the closest ones need.
     """
-    tried = []
-    for mesh in candidate_meshes:
+    tried, best = [], None
+
+    def score(mesh, m, sched, mode, again: bool) -> Candidate:
+        floor = planner.compute_floor(mesh, m, again)
+        if best is not None and floor >= best.step_time_s and len(candidate_meshes) > 1:
+            return _reject(Candidate(dict(mesh), m, sched, mode, recompute=again),
+                           f"cannot beat {best.label()} ({format_seconds(best.step_time_s)}): its busiest stage "
+                           f"computes at least {format_seconds(floor)}")
+        return planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=again)
+
+    # the meshes whose compute alone is least first, so that a good step found early rules out the rest
+    ordered = sorted(candidate_meshes, key=lambda mesh: planner.compute_floor(mesh, 1, bool(recompute)))
+    for mesh in ordered:
         best_here = None
         for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
             for sched in ([schedule] if schedule else ["1f1b"]):   # GPipe: 1F1B's bubble with more in flight
                 for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
-                    c = planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=bool(recompute))
+                    c = score(mesh, m, sched, mode, bool(recompute))
                     if recompute is None and _activations_too_big(c):
                         tried.append(c)
-                        c = planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=True)
+                        c = score(mesh, m, sched, mode, True)
                     tried.append(c)
                     if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
                         best_here = c
+                    if c.fits and (best is None or c.step_time_s < best.step_time_s):
+                        best = c
         log.debug("mesh %s: best %s", mesh, best_here.summary() if best_here else "none fits")
     fitting = [c for c in tried if c.fits]
     if not fitting:
