@@ -142,7 +142,7 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
     """
     sh = analyze(gm, n, conv_flops_per_byte=lambda dtype: spec.flops_per_s(dtype) / spec.link_bandwidth_Bps)
     sliced = sliced_params(gm, sh)
-    link = link_of(spec, n, devices_per_node=devices_per_node)
+    link = link_of(spec, n, devices_per_node=devices_per_node, collective=True)
     collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
     backward = tuple((block_of(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(seed_input(seeds[0]))))
                      for seeds in _column_groups(sh))
