@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -82,9 +83,15 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
                         n_microbatches, cuts)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     spec = agreed_device_spec(device)
-    gm = capture(model_or_gm, args, kwargs)
+    # a model on the meta device only plans (its plan is applied to real weights by load_plan, which
+    # captures them): a static capture costs the same and takes half the time
+    gm = capture(model_or_gm, args, kwargs, dynamic=not _on_meta(model_or_gm))
     optimizer = optimizer if training else None
-    est = _estimate_once(gm, args, kwargs, spec, training, optimizer)
+    start = time.perf_counter()
+    # per-node costs do not depend on the optimizer (its state is the memory model's, per stage and mesh):
+    # skip the fake warm-up step that creates it
+    est = _estimate_once(gm, args, kwargs, spec, training, None)
+    log.debug("captured and costed %s in %.1f s", est.model, time.perf_counter() - start)
     limit = memory_limit if memory_limit is not None else (spec.memory_bytes or None)
     planner = Planner(gm, spec, training, optimizer, balance=balance, memory_limit=limit,
                       devices_per_node=devices_per_node, batch=_batch_size(gm, args, kwargs),
@@ -93,13 +100,17 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     if fixed is not None:
         _check_cuttable(planner, fixed, est.model)
     positions = _pinned_positions(planner.graphs(fixed["tp"]).costs, cuts, fixed["pp"]) if cuts is not None else None
+    start = time.perf_counter()
     try:
         best, tried = search(planner, candidate_meshes, n_microbatches=n_microbatches, schedule=schedule,
                              data_parallel=data_parallel, positions=positions)
     except ValueError as exc:
         raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
     best = _refined(planner, best, positions)
+    log.debug("searched %d candidates in %.1f s", len(tried), time.perf_counter() - start)
+    start = time.perf_counter()
     plan = _build(planner, best, model_or_gm, est.model, strategy=strategy, tried=tried)
+    log.debug("built the plan's modules in %.1f s", time.perf_counter() - start)
     _warn_batch_statistics(gm, plan)
     log.debug("plan:\n%s", plan.report())
     return plan
@@ -137,14 +148,12 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
 
 
 def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
-    """The winner of a search at block boundaries, its cuts then solved at any node when that is affordable."""
+    """The winner of a search at block boundaries, its cuts then moved to any node of the parts around them."""
     g = planner.graphs(best.mesh["tp"])
     if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
         return best
-    if best.mesh["pp"] * int(g.costs.cuttable.sum()) > 200_000:      # keep block boundaries: minutes otherwise
-        return best
-    exact = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, exact=True)
-    return exact if exact.fits and exact.step_time_s <= best.step_time_s else best
+    fine = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, near=best.positions)
+    return fine if fine.fits and fine.step_time_s <= best.step_time_s else best
 
 
 def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:
@@ -154,6 +163,11 @@ def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:
     if mesh["pp"] - 1 > n_cuttable:
         raise ValueError(f"cannot cut {model} into {mesh['pp']} non-empty stages: its graph has {n_nodes} compute "
                          f"nodes and only {n_cuttable} places to cut; use at most {n_cuttable + 1} stages")
+
+
+def _on_meta(model: nn.Module) -> bool:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return bool(tensors) and all(t.is_meta for t in tensors)
 
 
 def precision_of(gm: torch.fx.GraphModule) -> str:
@@ -172,9 +186,10 @@ def _batch_size(gm, args: tuple, kwargs: dict) -> int:
 
 
 def _estimate_once(gm, args, kwargs, spec, training, optimizer):
-    """The graph's costs; an estimate already on the graph for the same device and step is reused."""
+    """The graph's costs; an estimate already on the graph for the same device and step (forward, or forward
+    and backward) is reused, whatever optimizer it assumed: per-node costs do not depend on it."""
     est = gm.meta.get(ESTIMATE)
-    if est is not None and (est.device, est.training, est.optimizer) == (spec, training, optimizer):
+    if est is not None and (est.device, est.training) == (spec, training):
         return est
     return estimate(gm, args, kwargs, device=spec, training=training, optimizer=optimizer)
 
@@ -321,7 +336,7 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
     _check_params(saved["params"], param_table(model), path, saved.get("model", ""), type(model).__name__)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     gm = capture(model, args, kwargs)
-    _estimate_once(gm, args, kwargs, decisions.device, decisions.training, decisions.optimizer)
+    _estimate_once(gm, args, kwargs, decisions.device, decisions.training, None)
     planner = Planner(gm, decisions.device, decisions.training, decisions.optimizer, balance=decisions.balance,
                       memory_limit=None, devices_per_node=decisions.devices_per_node,
                       batch=_batch_size(gm, args, kwargs), precision=decisions.precision)

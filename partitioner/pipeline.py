@@ -101,6 +101,27 @@ class PipelineCosts:
                                    total=float(node.sum()), fraction=f,
                                    crossing_bytes=[b * scale for b in self.crossing_bytes])
 
+    def largest_output(self, starts: np.ndarray, end) -> np.ndarray:
+        """The largest single allocation of nodes ``[start, end)`` for every start (and end, broadcast):
+        a sparse table answers each pair in O(1). Pairs with ``start >= end`` give a meaningless value."""
+        table = self.__dict__.get("_max_table")
+        if table is None:
+            table = [self.out_bytes]
+            while 2 ** len(table) <= len(self.out_bytes):
+                prev, half = table[-1], 2 ** (len(table) - 1)
+                table.append(np.maximum(prev[:-half], prev[half:]))
+            self.__dict__["_max_table"] = table
+        starts, end = np.broadcast_arrays(np.asarray(starts), np.asarray(end))
+        level = np.floor(np.log2(np.maximum(end - starts, 1))).astype(np.int64)
+        out = np.zeros(starts.shape)
+        for k in np.unique(level):
+            pick = level == k
+            row = table[k]
+            first = np.clip(starts[pick], 0, len(row) - 1)
+            last = np.clip(end[pick] - 2 ** k, 0, len(row) - 1)
+            out[pick] = np.maximum(row[first], row[last])
+        return out
+
     def held_bytes(self, starts: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Parameter and buffer bytes of stages ``[start, end)`` for every start: each tensor they read, once."""
         params = self.params[end] - self.params[starts]
@@ -146,40 +167,49 @@ def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | Non
                memory_of=None, allowed: np.ndarray | None = None) -> list[int]:
     """Cut positions (``n_stages - 1`` of them) minimising the slowest stage, exactly.
 
-    ``memory_of(stage_index, starts, end) -> bytes`` (vectorised over the ``starts`` array)
-    gives a stage's memory; stages above ``memory_limit`` are not allowed. ``allowed``
-    restricts the cuts to those positions (block and sub-block boundaries of a deep model:
-    the optimum over them, in O(stages x positions^2)).
+    ``memory_of(stage_index, starts, ends) -> bytes`` (numpy, broadcasting ``starts`` against
+    ``ends``) gives a stage's memory; stages above ``memory_limit`` are not allowed. ``allowed``
+    restricts the cuts to those positions (block and sub-block boundaries of a deep model).
+    A dynamic programme over stages, each step one vectorised (start x end) sweep in column
+    blocks: O(stages x positions^2) element operations.
 
     Raises:
         ValueError: no split satisfies the cuttable positions and the memory limit.
     """
     n = len(costs.order)
-    work, comm, ok = costs.work, costs.comm, costs.cuttable
-    pos = np.flatnonzero(ok)
+    pos = np.flatnonzero(costs.cuttable)
     if allowed is not None:
         pos = np.union1d(np.intersect1d(pos, allowed), [0, n])
-    last = len(pos) - 1
-    # best[k, jj]: the least slowest-stage cost of nodes [0, pos[jj]) cut into k + 1 stages
-    best = np.full((n_stages, last + 1), np.inf)
-    choice = np.zeros((n_stages, last + 1), dtype=np.int64)
+    size = len(pos)
+    work, comm = costs.work[pos], costs.comm[pos]
+    # best[k, j]: the least slowest-stage cost of nodes [0, pos[j]) cut into k + 1 stages
+    best = np.full((n_stages, size), np.inf)
+    choice = np.zeros((n_stages, size), dtype=np.int64)
+    rows = np.arange(size)
+    block = max(1, 4_000_000 // size)
     for k in range(n_stages):
-        for jj in range(k + 1, last + 1 - (n_stages - 1 - k)):
-            j = pos[jj]
-            index = np.arange(k, jj) if k else np.zeros(1, dtype=np.int64)
-            starts = pos[index]
-            stage = work[j] - work[starts] + comm[starts] + comm[j]
-            cand = np.maximum(best[k - 1][index], stage) if k else stage
+        for first in range(0, size, block):
+            cols = rows[first:first + block]
+            stage = work[None, cols] - work[:, None] + comm[:, None] + comm[None, cols]     # [start, end]
+            if k == 0:
+                stage = np.where(rows[:, None] == 0, stage, np.inf)
+            else:
+                stage = np.maximum(best[k - 1][:, None], stage)
+            cand = np.where(rows[:, None] < cols[None, :], stage, np.inf)
             if memory_limit is not None:
-                cand = np.where(memory_of(k, starts, j) > memory_limit, np.inf, cand)
-            i = int(np.argmin(cand))
-            best[k, jj], choice[k, jj] = cand[i], index[i]
-    if last < n_stages or not np.isfinite(best[n_stages - 1, last]):
+                live = np.isfinite(cand).any(axis=1)          # memory only where a start can be used
+                need = np.full(cand.shape, np.inf)
+                need[live] = memory_of(k, pos[live][:, None], pos[None, cols])
+                cand = np.where(need > memory_limit, np.inf, cand)
+            pick = np.argmin(cand, axis=0)
+            best[k, cols] = cand[pick, np.arange(len(cols))]
+            choice[k, cols] = pick
+    if size <= n_stages or not np.isfinite(best[n_stages - 1, size - 1]):
         raise ValueError("no feasible split")
-    cuts, jj = [], last
+    cuts, j = [], size - 1
     for k in range(n_stages - 1, 0, -1):
-        jj = int(choice[k, jj])
-        cuts.append(int(pos[jj]))
+        j = int(choice[k, j])
+        cuts.append(int(pos[j]))
     return sorted(cuts)
 
 
@@ -209,9 +239,8 @@ def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedul
     """
     crossing = np.array(costs.crossing_bytes, dtype=np.float64)
 
-    def memory_of(stage: int, starts: np.ndarray, end: int) -> np.ndarray:
-        # largest single allocation in [start, end), for every start at once
-        transient = np.maximum.accumulate(costs.out_bytes[:end][::-1])[::-1][starts]
+    def memory_of(stage: int, starts: np.ndarray, end) -> np.ndarray:     # ``end`` an int, or an array broadcast
+        transient = costs.largest_output(starts, end)      # largest single allocation in [start, end)
         params, buffers = costs.held_bytes(starts, end)
         return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
                             crossing[starts] + crossing[end], stage, n_stages, training=training,

@@ -113,10 +113,13 @@ class Planner:
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
-                 positions: list[int] | None = None, exact: bool = False) -> Candidate:
+                 positions: list[int] | None = None, near: tuple | None = None, quick: bool = True) -> Candidate:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
-        A deep graph's cuts are searched at block and sub-block boundaries unless ``exact``.
+        A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
+        so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
+        state alone exceeds the memory limit without cutting it (False: cut it, to say what each
+        stage would need).
         """
         dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
         base = Candidate(dict(mesh), m, schedule, data_parallel)
@@ -126,12 +129,12 @@ class Planner:
         if tp > 1 and not g.info.row and not g.info.expert:
             return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
         n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
-        if g.allowed is not None and not exact and positions is None:
+        if g.allowed is not None and near is None and positions is None:
             n_cuttable = min(n_cuttable, len(g.allowed))
         if pp - 1 > n_cuttable:
             return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
         floor = self._state_floor(g, mesh, data_parallel)
-        if self.memory_limit is not None and floor > self.memory_limit:
+        if quick and self.memory_limit is not None and floor > self.memory_limit:
             return _reject(base, f"does not fit memory_limit={format_bytes(self.memory_limit)}: parameters and "
                                  f"optimizer state alone need {format_bytes(floor)} per device", floor,
                            f"at least {format_bytes(floor)} for parameters and optimizer state")
@@ -141,7 +144,7 @@ class Planner:
                                  unit_param_bytes=g.unit_param_bytes, precision=self.precision)
         limit = self.memory_limit
         if positions is None:
-            allowed = None if exact else g.allowed
+            allowed = g.allowed if near is None else _around(g.allowed, near, len(costs.order))
             positions = self._fastest_cuts(tp, pp, costs, allowed)        # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
             over = limit is not None and any(memory_of(k, np.array([s]), e)[0] > limit
@@ -167,7 +170,7 @@ class Planner:
 
     def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed) -> list[int]:
         """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
-        key = (tp, pp, costs.fraction, allowed is None)
+        key = (tp, pp, costs.fraction, None if allowed is None else (len(allowed), int(allowed.sum())))
         if key not in self._cuts:
             self._cuts[key] = solve_cuts(costs, pp, allowed=allowed)
         return self._cuts[key]
@@ -196,6 +199,19 @@ class Planner:
                            collective_forward_s=fraction * sum(c.forward_time_s for c in collective),
                            param_bytes=float(params[0]), n_units=_units(nodes),
                            memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
+
+
+def _around(boundaries: np.ndarray | None, cuts: tuple, n: int) -> np.ndarray | None:
+    """Every position between the boundaries on either side of each cut (the two parts it joins)."""
+    if boundaries is None:
+        return None
+    edges = np.concatenate([[0], boundaries, [n]])
+    spans = []
+    for cut in cuts:
+        i = int(np.searchsorted(edges, cut))
+        lo, hi = edges[max(i - 1, 0)], edges[min(i + 1, len(edges) - 1)]
+        spans.append(np.arange(lo, hi + 1))
+    return np.unique(np.concatenate(spans + [boundaries]))
 
 
 def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:
@@ -264,6 +280,11 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
         log.debug("mesh %s: best %s", mesh, best_here.summary() if best_here else "none fits")
     fitting = [c for c in tried if c.fits]
     if not fitting:
+        by_memory = [c for c in tried if c.need_bytes]
+        if by_memory:          # what the least demanding one needs, stage by stage
+            least = min(by_memory, key=lambda c: c.need_bytes)
+            tried.append(planner.evaluate(least.mesh, least.n_microbatches, least.schedule, least.data_parallel,
+                                          positions=positions, quick=False))
         raise ValueError(_nothing_fits(tried, planner.memory_limit))
     best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
     return best, tried
@@ -274,7 +295,8 @@ def _nothing_fits(tried: list[Candidate], limit) -> str:
     by_memory = [c for c in tried if c.need_bytes]
     head = ""
     if by_memory:
-        least = min(by_memory, key=lambda c: c.need_bytes)
+        staged = [c for c in by_memory if c.need_text.startswith("stage")]
+        least = min(staged or by_memory, key=lambda c: c.need_bytes)
         head = (f"memory_limit={format_bytes(limit)} per device; the least memory needs {least.need_text} "
                 f"({least.label()}). Try more devices, more micro-batches (n_microbatches), a smaller batch, "
                 f"data_parallel='shard', or passes.recompute to save activations\n")

@@ -208,7 +208,10 @@ def test_plan_made_on_meta_applies_to_real_weights(tmp_path):
 
     model, args, kwargs = llama()
     loaded = partitioner.load_plan(path, model, args, kwargs)
-    assert loaded.cuts == plan.cuts
+    # the meta capture is static and the real one symbolic, so node names may differ; the place may not
+    where = lambda p: [(c["module"], c["op"], c["index"])
+                       for c in json.load(open(p.save(tmp_path / "again.json")))["decisions"]["cuts"]]
+    assert where(loaded) == where(plan)
     assert [s.cost.flops for s in loaded.stages] == [s.cost.flops for s in plan.stages]
     with torch.no_grad():
         torch.testing.assert_close(loaded(*args, **kwargs), model(*args, **kwargs))
