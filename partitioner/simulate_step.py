@@ -16,6 +16,11 @@ synchronisation and the optimizer step:
   gather overlapping the current block's compute, and gradients reduce-scattered under the
   last backward.
 
+A stage running several micro-batches accumulates their weight gradients: every backward after the
+step's first adds into the gradients the earlier ones left (autograd's in-place add: two reads and a
+write of the stage's gradients at memory bandwidth; the first backward's gradients are stored as
+they are, ``zero_grad(set_to_none=True)``), spread here over the stage's backwards.
+
 Each action also pays the runtime's host work around its kernels (``DeviceSpec.action_overhead_s``:
 measured on a CPU, hidden on a GPU). Ranks that share compute units (a CPU host running more ranks than cores:
 ``DeviceSpec.node_compute_units``) are laid out by ``timeshare``: whatever computes at a moment
@@ -29,7 +34,7 @@ out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .comm import all_gather_s, all_reduce_s, link_of, reduce_scatter_s, send_s
 from .pipeline import state_per_param_byte
@@ -69,13 +74,17 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
     actions = make_schedule(schedule if training else "gpipe", pp, m)
     if not training:
         actions = [[a for a in stage if a.kind == "F"] for stage in actions]
+    grad_scale = 2.0 if precision == "mixed" else 1.0
+    if training and m > 1:
+        timings = [replace(t, backward_s=t.backward_s + _accumulate_s(t.param_bytes * grad_scale, m, spec))
+                   for t in timings]
     capacity = _capacity(spec, mesh, devices_per_node)
     slowdown = max(1.0, pp / capacity)              # of compute while every rank computes
 
     dp_rows, waits, copies, opt_s = [], [], [], []
     for t in timings:
         sync, wait, copy = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m, pp=pp,
-                                    grad_scale=2.0 if precision == "mixed" else 1.0, spec=spec, slowdown=slowdown)
+                                    grad_scale=grad_scale, spec=spec, slowdown=slowdown)
         dp_rows.append(sync)
         waits.append(wait)
         copies.append(copy)
@@ -197,6 +206,12 @@ def _bucket_tail_s(nbytes: float, backward_s: float, dp: int, link) -> float:
         each = all_reduce_s(BUCKET_BYTES, dp, link)
         queue = max(backward_s * BUCKET_BYTES / nbytes + full * each, backward_s * full * BUCKET_BYTES / nbytes + each)
     return max(queue, backward_s) + all_reduce_s(last, dp, link) - backward_s
+
+
+def _accumulate_s(grad_bytes: float, m: int, spec) -> float:
+    """Per backward, the gradient accumulation of ``m`` micro-batches: ``m - 1`` in-place adds (two reads and a
+    write of every gradient byte) spread over the ``m`` backwards."""
+    return 3 * grad_bytes * (m - 1) / m / (spec.memory_bandwidth_Bps * spec.memory_efficiency)
 
 
 def _bucket_copy_s(nbytes: float, spec) -> float:

@@ -147,6 +147,18 @@ def test_replicated_gradients_pay_the_bucket_copies_on_the_step():
     assert two.step_time_s == pytest.approx(one.step_time_s + wait + copies)
 
 
+def test_micro_batches_after_the_first_add_their_gradients_into_the_earlier_ones():
+    spec, nbytes, f, b = _spec(), 100 * _MB, 0.01, 0.02
+    one = _step(spec, {}, [_stage(f, b, param_bytes=nbytes)], m=1)
+    four = _step(spec, {}, [_stage(f, b, param_bytes=nbytes)], m=4)
+    assert one.compute_s == pytest.approx(f + b)
+    accumulate = 3 * 3 * nbytes / spec.memory_bandwidth_Bps          # 3 adds, each 2 reads and a write
+    assert four.step_time_s - one.step_time_s == pytest.approx(3 * (f + b) + accumulate)
+    stages = [_stage(f, b, param_bytes=nbytes), _stage(f, b, param_bytes=nbytes)]
+    free = _step(spec, {"pp": 2}, [_stage(f, b), _stage(f, b)], m=4).step_time_s
+    assert _step(spec, {"pp": 2}, stages, m=4).step_time_s > free
+
+
 def test_optimizer_runs_at_the_specs_optimizer_bandwidth():
     nbytes = 100 * _MB
     fused = _step(_spec(), {}, [_stage(param_bytes=nbytes)], optimizer="adamw").optimizer_s
