@@ -150,7 +150,7 @@ def _shared_step(actions, timings, sends, waits, copies, opt_s, capacity: float,
     for sp in spans:
         work = [v for k, v in sp.items() if isinstance(k, tuple)]
         end = max((e for _, e in work), default=0.0)
-        bubbles.append(1.0 - sum(e - b for b, e in work) / end if end else 0.0)
+        bubbles.append(max(1.0 - sum(e - b for b, e in work) / end, 0.0) if end else 0.0)   # not -1e-16
     return finish, bubbles
 
 
