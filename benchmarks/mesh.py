@@ -446,13 +446,15 @@ def _why(result: dict, rows: list[dict]) -> list[str]:
     if compute:
         def mid(key):
             return median(c[key] for c in compute)
+        ratio = median(c["estimated_pass_s"] / c["training_pass_s"] for c in compute)
         lines.append(f"* the cost model alone (rank 0 alone, the others waiting, whole batch, median over rounds): "
                      f"training pass (forward + backward) {mid('estimated_pass_s') * 1e3:.1f} ms estimated, "
-                     f"{mid('training_pass_s') * 1e3:.1f} ms measured "
-                     f"({median(c['estimated_pass_s'] / c['training_pass_s'] for c in compute):.2f}); forward "
+                     f"{mid('training_pass_s') * 1e3:.1f} ms measured ({ratio:.2f}); forward "
                      f"{mid('nodes_forward_s') * 1e3:.1f} ms as its nodes timed one by one, "
-                     f"{mid('forward_s') * 1e3:.1f} ms whole. Backward times are not measured: they are the forward's "
-                     f"scaled by the roofline's ratio (2x for a matmul), short of what the CPU's backward takes.")
+                     f"{mid('forward_s') * 1e3:.1f} ms whole. Backward times are not measured but the forward's scaled "
+                     f"by the roofline's ratio (2x for a matmul)"
+                     + (", short of what the CPU's backward takes." if ratio < 0.95 else
+                        f"; here that is within {abs(1 - ratio):.0%}: the error is elsewhere."))
     dp = next((r for r in rows if r["mesh"] == f"dp={result['world']}"), None)
     if dp is not None:
         parts = [rank[dp["mesh"]] for rank in result["phases"]]
