@@ -1,8 +1,9 @@
 """Helpers shared by the benchmarks: statistics, peak memory and markdown tables.
 
 Reads nothing; ``write_result`` writes ``benchmarks/results/<name>``. Importing this
-module puts the repository root on ``sys.path``, so the benchmarks run from a bare
-checkout (a GPU machine without ``pip install -e .``) as well as from the venv.
+module puts the repository root first on ``sys.path``, so the benchmarks run from a bare
+checkout (a GPU machine without ``pip install -e .``) as well as from the venv, and the
+packages win over the benchmark scripts named like them (``benchmarks/runtime.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-if str(REPO) not in sys.path:
+if sys.path[:1] != [str(REPO)]:
     sys.path.insert(0, str(REPO))
 
 __all__ = ["REPO", "RESULTS", "median", "peak_rss_bytes", "spearman", "md_table", "write_result"]

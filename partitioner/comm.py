@@ -11,11 +11,19 @@ from __future__ import annotations
 __all__ = ["link_of", "all_reduce_s", "all_gather_s", "reduce_scatter_s", "send_s"]
 
 
-def link_of(spec, group_size: int, *, stride: int = 1, devices_per_node: int = 8) -> tuple[float, float]:
-    """(bytes/s, latency s) of the slowest link a group of ``group_size`` ranks ``stride`` apart crosses."""
+def link_of(spec, group_size: int, *, stride: int = 1, devices_per_node: int = 8,
+            collective: bool = False) -> tuple[float, float]:
+    """(bytes/s, latency s) of the slowest link a group of ``group_size`` ranks ``stride`` apart crosses.
+
+    ``collective``: for ring collectives, whose figures within a node may be the spec's own
+    (``collective_bandwidth_Bps``, ``collective_latency_s``: what a ring achieves per step).
+    """
     spans_nodes = group_size * stride > devices_per_node
     if spans_nodes:
         return spec.inter_node_bandwidth_Bps, spec.inter_node_latency_s
+    if collective:
+        return (spec.collective_bandwidth_Bps or spec.link_bandwidth_Bps,
+                spec.collective_latency_s or spec.link_latency_s)
     return spec.link_bandwidth_Bps, spec.link_latency_s
 
 

@@ -216,6 +216,7 @@ class Planner:
                            send_bytes=float(costs.crossing_bytes[end]) if end < len(costs.order) else 0.0,
                            grad_bytes=floats, collective_s=fraction * sum(c.time_s for c in collective),
                            collective_bytes=fraction * sum(c.output_bytes for c in collective),
+                           collective_forward_s=fraction * sum(c.forward_time_s for c in collective),
                            param_bytes=float(params[0]), n_units=_units(nodes),
                            memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
 

@@ -6,14 +6,26 @@ the schedule laid out micro-batch by micro-batch (``schedules.simulate``: bubble
 stage's sends to its neighbour on the pipeline link), then data-parallel gradient
 synchronisation and the optimizer step:
 
-* replicate: a ring all-reduce of the stage's gradients in buckets (25 MiB, as DDP) issued
-  while the last micro-batch's backward runs; only what outlasts that backward, and at least
-  the last bucket, is exposed;
+* replicate: a ring all-reduce of the stage's gradients in buckets (25 MiB, as DDP), each issued
+  once the last micro-batch's backward has finished its gradients; only what outlasts that
+  backward, and at least the last bucket, is exposed, then the gradients are copied out of the
+  buckets (the runtime's copies in and out, at memory bandwidth);
 * shard (ZeRO-3 / FSDP2, one group per block): parameters all-gathered before use (once per
   step in a pipeline, which keeps them gathered; before every micro-batch's forward and again
   before its backward for a lone stage, which reshards after each block) with the next block's
   gather overlapping the current block's compute, and gradients reduce-scattered under the
   last backward.
+
+A stage running several micro-batches accumulates their weight gradients: every backward after the
+step's first adds into the gradients the earlier ones left (autograd's in-place add: two reads and a
+write of the stage's gradients at memory bandwidth; the first backward's gradients are stored as
+they are, ``zero_grad(set_to_none=True)``), spread here over the stage's backwards.
+
+Each action also pays the runtime's host work around its kernels (``DeviceSpec.action_overhead_s``:
+measured on a CPU, hidden on a GPU). Ranks that share compute units (a CPU host running more ranks than cores:
+``DeviceSpec.node_compute_units``) are laid out by ``timeshare``: whatever computes at a moment
+shares the units, so a stage computes at full speed in another's bubble and at ``units / ranks``
+of it when every rank computes; waits (collectives, receives) take no compute.
 
 Links follow the mesh order ``(pp, dp, tp)`` with tp fastest-varying (as torchtitan lays it
 out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp group strides
@@ -22,13 +34,13 @@ out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .comm import all_gather_s, all_reduce_s, link_of, reduce_scatter_s, send_s
 from .pipeline import state_per_param_byte
 from .plan import AxisCost, PlanCost
 from .schedules import make_schedule, simulate
+from .timeshare import Task, layout
 
 __all__ = ["StageTiming", "simulate_plan", "BUCKET_BYTES"]
 
@@ -47,6 +59,7 @@ class StageTiming:
     collective_bytes: float = 0.0   # what those collectives move per device
     n_units: int = 1           # blocks the stage holds (gather/bucket granularity)
     memory_bytes: float = 0.0
+    collective_forward_s: float | None = None    # of collective_s, the forward's (None: half)
 
 
 def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_microbatches: int,
@@ -56,52 +69,111 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
     pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
     m = n_microbatches
     pp_link = link_of(spec, pp, stride=dp * tp, devices_per_node=devices_per_node) if pp > 1 else None
-    dp_link = link_of(spec, dp, stride=tp, devices_per_node=devices_per_node)
+    dp_link = link_of(spec, dp, stride=tp, devices_per_node=devices_per_node, collective=True)
     sends = [send_s(t.send_bytes, pp_link) if pp_link else 0.0 for t in timings]
-    forward = [t.forward_s for t in timings]
-    backward = [t.backward_s if training else 0.0 for t in timings]
     actions = make_schedule(schedule if training else "gpipe", pp, m)
     if not training:
         actions = [[a for a in stage if a.kind == "F"] for stage in actions]
-    timeline = simulate(actions, forward, [b or 1e-12 for b in backward] if training else 0.0, send_s=sends)
-    ends = [spans[-1].end_s if spans else 0.0 for spans in timeline.spans]
+    grad_scale = 2.0 if precision == "mixed" else 1.0
+    if training and m > 1:
+        timings = [replace(t, backward_s=t.backward_s + _accumulate_s(t.param_bytes * grad_scale, m, spec))
+                   for t in timings]
+    capacity = _capacity(spec, mesh, devices_per_node)
+    slowdown = max(1.0, pp / capacity)              # of compute while every rank computes
 
-    dp_rows, exposed, opt_s = [], [], []
-    for t, end in zip(timings, ends):
-        sync, hidden = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m, pp=pp,
-                                grad_scale=2.0 if precision == "mixed" else 1.0)
+    dp_rows, waits, copies, opt_s = [], [], [], []
+    for t in timings:
+        sync, wait, copy = _dp_sync(t, dp, data_parallel, dp_link, training=training, m=m, pp=pp,
+                                    grad_scale=grad_scale, spec=spec, slowdown=slowdown)
         dp_rows.append(sync)
-        exposed.append(hidden)
+        waits.append(wait)
+        copies.append(copy)
         opt_s.append(_optimizer_s(t.param_bytes / (dp if data_parallel == "shard" else 1), optimizer, spec,
                                   precision) if training else 0.0)
-    finish = [end + e + o for end, e, o in zip(ends, exposed, opt_s)]
+    exposed = [w + c * slowdown for w, c in zip(waits, copies)]
+    overhead = spec.action_overhead_s
+    if capacity < pp:
+        finish, bubbles = _shared_step(actions, timings, sends, waits, copies, opt_s, capacity, training=training,
+                                       overhead=overhead)
+    else:
+        forward = [t.forward_s + overhead for t in timings]
+        backward = [t.backward_s + overhead if training else 0.0 for t in timings]
+        timeline = simulate(actions, forward, [b or 1e-12 for b in backward] if training else 0.0, send_s=sends)
+        ends = [spans[-1].end_s if spans else 0.0 for spans in timeline.spans]
+        finish = [end + w + c + o for end, w, c, o in zip(ends, waits, copies, opt_s)]
+        bubbles = timeline.bubble_fraction
     step = max(finish)
     busiest = max(range(pp), key=lambda s: m * (timings[s].forward_s + timings[s].backward_s))
     axes = _axes(timings, sends, dp_rows, exposed, mesh=mesh, m=m, training=training, data_parallel=data_parallel)
     peaks = tuple(int(t.memory_bytes) for t in timings)
     return PlanCost(step_time_s=step, peak_bytes=max(peaks), stage_peak_bytes=peaks,
                     compute_s=m * (timings[busiest].forward_s + timings[busiest].backward_s),
-                    bubble_fraction=timeline.bubble_fraction[busiest], optimizer_s=max(opt_s), axes=axes)
+                    bubble_fraction=bubbles[busiest], optimizer_s=max(opt_s) * slowdown, axes=axes)
+
+
+def _capacity(spec, mesh: dict, devices_per_node: int) -> float:
+    """How many pipeline stages' ranks can compute at full speed at once: all of them (``pp``) unless the
+    ranks of a node share fewer compute units than they are (``DeviceSpec.node_compute_units``)."""
+    world = mesh["pp"] * mesh["dp"] * mesh["tp"]
+    ranks = min(world, devices_per_node)          # on one node
+    units = spec.node_compute_units
+    if not units or units >= ranks:
+        return float(mesh["pp"])
+    return units * mesh["pp"] / ranks
+
+
+def _shared_step(actions, timings, sends, waits, copies, opt_s, capacity: float, *,
+                 training: bool, overhead: float = 0.0) -> tuple[list[float], list[float]]:
+    """(when each stage ends its step, its idle share until its last action) with ranks sharing compute units
+    (``timeshare``): an action computes, then waits for its tensor-parallel collectives; after the last one
+    a stage waits for its gradients' all-reduce, copies them out of the buckets and steps its optimizer."""
+    tasks = []
+    for s, stage in enumerate(actions):
+        t = timings[s]
+        coll_f = t.collective_s / 2 if t.collective_forward_s is None else t.collective_forward_s
+        coll_b = t.collective_s - coll_f
+        row = []
+        for a in stage:
+            key = (a.kind, a.microbatch)
+            if a.kind == "F":
+                after = ((s - 1, key),) if s > 0 else ()
+                row.append(Task(key, max(t.forward_s - coll_f, 0.0) + overhead, coll_f, after))
+            else:
+                after = ((s, ("F", a.microbatch)),) + (((s + 1, key),) if s < len(actions) - 1 else ())
+                row.append(Task(key, max(t.backward_s - coll_b, 0.0) + overhead, coll_b, after))
+        if training:
+            row += [Task("sync", copies[s], waits[s]), Task("optimizer", opt_s[s])]
+        tasks.append(row)
+    spans = layout(tasks, capacity=capacity, send_s=sends)
+    finish = [max((end for _, end in sp.values()), default=0.0) for sp in spans]
+    bubbles = []
+    for sp in spans:
+        work = [v for k, v in sp.items() if isinstance(k, tuple)]
+        end = max((e for _, e in work), default=0.0)
+        bubbles.append(max(1.0 - sum(e - b for b, e in work) / end, 0.0) if end else 0.0)   # not -1e-16
+    return finish, bubbles
 
 
 def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int, pp: int = 1,
-             grad_scale: float = 1.0) -> tuple[tuple, float]:
-    """((what, bytes per device, seconds), exposed seconds) of one stage's data-parallel traffic per step.
+             grad_scale: float = 1.0, spec=None, slowdown: float = 1.0) -> tuple[tuple, float, float]:
+    """((what, bytes per device, seconds), exposed wait, copy seconds) of one stage's data-parallel traffic per step.
 
-    ``grad_scale``: gradient bytes per parameter byte (2: fp32 gradients of a bf16 model). Sharded:
-    a lone stage (``pp == 1``) reshards after each block, so every micro-batch gathers every block
-    before its forward and again before its backward, each gather hidden under the block before
-    it but the first; a pipeline stage gathers once per step and keeps its parameters.
+    ``grad_scale``: gradient bytes per parameter byte (2: fp32 gradients of a bf16 model). Replicated:
+    gradients all-reduced in buckets as the last backward (``slowdown`` times its own time, for ranks
+    sharing compute units) finishes them, and copied into and out of the buckets (``copy``: device
+    work). Sharded: a lone stage (``pp == 1``) reshards after each block, so every micro-batch gathers
+    every block before its forward and again before its backward, each gather hidden under the block
+    before it but the first; a pipeline stage gathers once per step and keeps its parameters.
     """
     if dp <= 1 or not training:
-        return ("", 0, 0.0), 0.0
+        return ("", 0, 0.0), 0.0, 0.0
     nbytes = t.param_bytes * grad_scale
     units = max(t.n_units, 1)
     if mode == "replicate":
-        buckets = max(math.ceil(nbytes / BUCKET_BYTES), 1)
         total = all_reduce_s(nbytes, dp, link)
-        hidden = max(total - t.backward_s, total / buckets)
-        return ("gradient all-reduce", int(2 * (dp - 1) / dp * nbytes), total), hidden
+        wait = _bucket_tail_s(nbytes, t.backward_s * slowdown, dp, link)
+        copy = _bucket_copy_s(nbytes, spec) if spec is not None else 0.0
+        return ("gradient all-reduce", int(2 * (dp - 1) / dp * nbytes), total), wait, copy
     gather = all_gather_s(t.param_bytes, dp, link)          # parameters travel in their own dtype
     scatter = reduce_scatter_s(nbytes, dp, link)
     if pp == 1:
@@ -112,14 +184,48 @@ def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int
         exposed = max(gather - t.forward_s, gather / units)
     exposed += max(scatter - t.backward_s, scatter / units)
     moved = int((n_gathers * t.param_bytes + nbytes) * (dp - 1) / dp)
-    return ("parameter all-gather + gradient reduce-scatter", moved, n_gathers * gather + scatter), exposed
+    return ("parameter all-gather + gradient reduce-scatter", moved, n_gathers * gather + scatter), exposed, 0.0
+
+
+def _bucket_tail_s(nbytes: float, backward_s: float, dp: int, link) -> float:
+    """How long the gradients' all-reduce outlasts the last backward: buckets of ``BUCKET_BYTES`` in the order
+    the backward finishes them, each ready once the backward has gone through its share of the parameters
+    (evenly in time), reduced one after another. At least the last bucket's all-reduce is exposed.
+
+    Closed form: the full buckets' queue ends at ``max(ready_1 + n * t, ready_n + t)`` (ready times
+    grow linearly, so the busiest start is the first or the last), then the last bucket follows.
+    """
+    if nbytes <= 0:
+        return 0.0
+    full, last = divmod(nbytes, BUCKET_BYTES)
+    if last == 0:
+        full, last = full - 1, BUCKET_BYTES
+    full = int(full)
+    queue = 0.0
+    if full:
+        each = all_reduce_s(BUCKET_BYTES, dp, link)
+        queue = max(backward_s * BUCKET_BYTES / nbytes + full * each, backward_s * full * BUCKET_BYTES / nbytes + each)
+    return max(queue, backward_s) + all_reduce_s(last, dp, link) - backward_s
+
+
+def _accumulate_s(grad_bytes: float, m: int, spec) -> float:
+    """Per backward, the gradient accumulation of ``m`` micro-batches: ``m - 1`` in-place adds (two reads and a
+    write of every gradient byte) spread over the ``m`` backwards."""
+    return 3 * grad_bytes * (m - 1) / m / (spec.memory_bandwidth_Bps * spec.memory_efficiency)
+
+
+def _bucket_copy_s(nbytes: float, spec) -> float:
+    """The runtime's bucket copies (``runtime.data_parallel.GradSync``): gradients concatenated into the flat
+    buckets, averaged in place and copied back, each a read and a write of every gradient byte."""
+    return 6 * nbytes / (spec.memory_bandwidth_Bps * spec.memory_efficiency)
 
 
 def _optimizer_s(param_bytes: float, optimizer: str | None, spec, precision: str = "fp32") -> float:
     """The optimizer's sweep: it reads parameters and gradients, reads and writes its state, writes parameters
-    (and, in mixed precision, reads and writes the fp32 master weights and copies them to the half-precision ones)."""
+    (and, in mixed precision, reads and writes the fp32 master weights and copies them to the half-precision ones),
+    at the spec's optimizer bandwidth (measured where PyTorch's optimizer is not one fused kernel)."""
     touched = 2 * state_per_param_byte(optimizer, precision) + 1
-    return touched * param_bytes / (spec.memory_bandwidth_Bps * spec.memory_efficiency)
+    return touched * param_bytes / (spec.optimizer_bandwidth_Bps or spec.memory_bandwidth_Bps * spec.memory_efficiency)
 
 
 def _axes(timings, sends, dp_rows, exposed, *, mesh, m, training, data_parallel) -> tuple[AxisCost, ...]:

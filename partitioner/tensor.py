@@ -22,6 +22,7 @@ import torch.fx
 from passes._keys import COLLECTIVE, COST, EXAMPLE_VAL, LOCAL_SLICE, ORIGIN, SHARD
 from passes._util import fetch_attr, format_bytes, node_value, table, tensor_bytes, tensors_of
 from passes.estimate import NodeCost
+from passes.timing import roofline_s
 from .comm import all_gather_s, all_reduce_s, link_of
 from .sharding import (ALL_GATHER, ALL_REDUCE, WAIT, Shard, Sharding, analyze, block_of, build_shard, local_size,
                        seed_input, sliced_params, whole_params)
@@ -141,7 +142,7 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
     """
     sh = analyze(gm, n, conv_flops_per_byte=lambda dtype: spec.flops_per_s(dtype) / spec.link_bandwidth_Bps)
     sliced = sliced_params(gm, sh)
-    link = link_of(spec, n, devices_per_node=devices_per_node)
+    link = link_of(spec, n, devices_per_node=devices_per_node, collective=True)
     collectives = tuple((block_of(node), node.name, tensor_bytes(node_value(node))) for node in sh.reduce)
     backward = tuple((block_of(seeds[0]), tuple(s.name for s in seeds), tensor_bytes(node_value(seed_input(seeds[0]))))
                      for seeds in _column_groups(sh))
@@ -185,8 +186,10 @@ def _cost_shard(module: torch.fx.GraphModule, sh: Sharding, spec, link, *, train
         cost = node.meta.get(COST)
         if node.target in (ALL_REDUCE, ALL_GATHER):
             node.meta[COST] = _collective_cost(node, sh.n, spec, link, training, inputs)
-        elif cost is None or node.meta.get(LOCAL_SLICE) or node.target is WAIT:
+        elif node.meta.get(LOCAL_SLICE) or node.target is WAIT:
             node.meta[COST] = _free(node)
+        elif cost is None:              # made by the rewrite (a row-parallel bias added after the all-reduce)
+            node.meta[COST] = _roofline(node, spec, training)
         elif layout is not None or any(u.target is ALL_REDUCE for u in node.users):
             parts = sh.parts(node) if node in sh.layout or node in sh.reduce else sh.n
             node.meta[COST] = dataclasses.replace(
@@ -220,6 +223,15 @@ def _collective_cost(node, n: int, spec, link, training: bool, inputs: dict) -> 
     return NodeCost(name=node.name, op=info.get("kind", "collective"), module=info.get("block", ""), shape="",
                     dtype="", flops=0, backward_flops=0, output_bytes=nbytes, saved_bytes=0, param_bytes=0,
                     forward_time_s=forward, backward_time_s=backward, time_s=forward + backward)
+
+
+def _roofline(node, spec, training: bool) -> NodeCost:
+    """A node the rewrite added, costed by the roofline (no FLOPs: element-wise, memory-bound)."""
+    if node.op != "call_function":
+        return _free(node)
+    forward, backward = roofline_s(node, 0, 0, spec, has_backward=training)
+    return dataclasses.replace(_free(node), output_bytes=sum(tensor_bytes(t) for t in tensors_of(node_value(node))),
+                               forward_time_s=forward, backward_time_s=backward, time_s=forward + backward)
 
 
 def _free(node) -> NodeCost:

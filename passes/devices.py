@@ -34,6 +34,22 @@ class DeviceSpec:
             reached: large bf16 GEMMs on an H100 run at about 70-80% of them).
         attention_efficiency: the share fused attention kernels reach.
         memory_efficiency: the share of ``memory_bandwidth_Bps`` memory-bound kernels reach.
+        collective_bandwidth_Bps: what a ring collective (all-reduce, all-gather, reduce-scatter)
+            achieves per device within a node, fitted to the ring formula (nccl-tests' "bus
+            bandwidth"; below the link's when the reduction or the transport costs, as gloo's on
+            a CPU); 0: ``link_bandwidth_Bps``.
+        collective_latency_s: the latency of one ring step within a node; 0: ``link_latency_s``.
+        node_compute_units: devices a node really has for its ranks when they share them (CPU
+            cores under more ranks than cores, time-sliced); 0: every rank has its own device.
+        optimizer_bandwidth_Bps: the rate at which the optimizer's step sweeps its bytes
+            (parameters, gradients and state, each read or written once, as a fused kernel would);
+            PyTorch's unfused default on a CPU (a loop of element-wise ops per parameter) is slower
+            than the copy bandwidth, so it is measured there. 0: ``memory_bandwidth_Bps`` x
+            ``memory_efficiency`` (a fused optimizer).
+        action_overhead_s: host seconds the runtime spends per schedule action (a micro-batch's forward
+            or backward on a stage) besides its kernels and messages: Python, receive buffers,
+            autograd's bookkeeping. On a CPU it adds to the compute; a GPU hides it behind
+            asynchronous launches while its kernels are long enough (0).
         foreach_optimizer: whether PyTorch's optimizers default to multi-tensor kernels here.
         source: where the figures come from.
     """
@@ -51,6 +67,11 @@ class DeviceSpec:
     matmul_efficiency: float = 1.0
     attention_efficiency: float = 1.0
     memory_efficiency: float = 1.0
+    collective_bandwidth_Bps: float = 0.0
+    collective_latency_s: float = 0.0
+    node_compute_units: float = 0.0
+    optimizer_bandwidth_Bps: float = 0.0
+    action_overhead_s: float = 0.0
 
     def __post_init__(self):
         # `not x > 0` rather than `x <= 0`: NaN must fail too
@@ -64,6 +85,11 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec {self.name!r}: efficiencies are shares of the peak, in (0, 1]")
         if self.inter_node_bandwidth_Bps == 0:
             object.__setattr__(self, "inter_node_bandwidth_Bps", self.link_bandwidth_Bps)
+        optional = ("collective_bandwidth_Bps", "collective_latency_s", "node_compute_units",
+                    "optimizer_bandwidth_Bps", "action_overhead_s")
+        if not all(getattr(self, k) >= 0 for k in optional):
+            raise ValueError(f"DeviceSpec {self.name!r}: {', '.join(optional)} must be >= 0 (0: derived from the "
+                             f"other figures), got {[getattr(self, k) for k in optional]}")
         if not (self.memory_bytes >= 0 and self.launch_s >= 0):
             raise ValueError(f"DeviceSpec {self.name!r}: memory_bytes and launch_s must be >= 0 (0: unknown "
                              f"memory, no launch cost), got {self.memory_bytes} and {self.launch_s}")
@@ -158,7 +184,7 @@ def _cuda_name() -> str:
 
 @functools.lru_cache(maxsize=1)
 def measure_cpu() -> DeviceSpec:
-    """This CPU's matmul FLOP/s (fp32, bf16) and copy bandwidth, measured once per process (~0.3 s)."""
+    """This CPU's matmul FLOP/s (fp32, bf16), copy bandwidth and AdamW sweep, measured once per process (~0.5 s)."""
     fp32 = _matmul_flops(torch.float32)
     bf16 = _matmul_flops(torch.bfloat16)
     src = torch.empty(16 * 2**20, dtype=torch.float32)   # 64 MiB: well past the caches
@@ -172,8 +198,20 @@ def measure_cpu() -> DeviceSpec:
         memory = 0
     return DeviceSpec("cpu", {torch.float32: fp32, torch.bfloat16: bf16, torch.float16: bf16},
                       memory_bandwidth_Bps=bandwidth, memory_bytes=memory, link_bandwidth_Bps=bandwidth / 4,
-                      launch_s=4e-6, foreach_optimizer=False,
+                      launch_s=4e-6, foreach_optimizer=False, optimizer_bandwidth_Bps=_adamw_bandwidth(),
                       source=f"measured on this machine ({torch.get_num_threads()} threads)")
+
+
+def _adamw_bandwidth(n_params: int = 8, numel: int = 2**20) -> float:
+    """Bytes/s of ``torch.optim.AdamW``'s step as PyTorch runs it here, counted as a fused sweep: parameters,
+    gradients and both moments read, parameters and moments written (9 x 4 bytes per fp32 parameter, as
+    ``partitioner.simulate_step`` counts it). ``n_params`` tensors of ``numel`` (layer-sized: 4 MiB each)."""
+    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(n_params)]
+    for p in params:
+        p.grad = torch.randn(numel)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    seconds = _best_time(optimizer.step, repeats=3)
+    return 9 * 4 * n_params * numel / seconds
 
 
 def _matmul_flops(dtype: torch.dtype, n: int = 1024) -> float:

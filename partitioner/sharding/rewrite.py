@@ -142,7 +142,11 @@ def build_shard(gm: torch.fx.GraphModule, sh: Sharding, r: int, *, group_name: s
                 return local_of[key]
             env[node] = _emit_reduce(graph, node, arg_of, group_name, r=r, n=n) if node in sh.reduce else \
                 _copy_local(graph, node, arg_of, sh)
-        env[node].meta.update({k: v for k, v in node.meta.items() if k not in env[node].meta})
+        # what a reduce emits last (the bias add after the all-reduce) is not the original node: not its cost
+        inherited = {k: v for k, v in node.meta.items() if k not in env[node].meta}
+        if node in sh.reduce:
+            inherited.pop(COST, None)
+        env[node].meta.update(inherited)
         env[node].meta[ORIGIN] = node.name
         if node in sh.layout:
             env[node].meta[SHARD] = sh.layout[node]
