@@ -178,15 +178,23 @@ class Planner:
                          positions=tuple(positions), cost=cost, recompute=recompute)
 
     def compute_floor(self, mesh: dict, n_microbatches: int, recompute: bool = False) -> float:
-        """A lower bound of a candidate's step: its per-replica compute spread evenly over the stages
-        (no schedule, cut or communication can make the busiest stage compute less)."""
+        """A lower bound of a candidate's step from its compute alone, whatever the cuts.
+
+        With stage times ``t_s`` (per micro-batch, summing to ``T``), stage ``s`` cannot start before
+        the first micro-batch's forward has crossed the stages before it, runs ``m`` micro-batches,
+        and the last one's backward must still cross them: the step is at least
+        ``max_s (t_0 + ... + t_{s-1} + m t_s)``. The cuts that minimise that make it equal for every
+        stage (``t_s = V/m (1 - 1/m)^s``), so no split does better than ``V = T / (1 - (1 - 1/m)^pp)``
+        (``m T / pp`` and more with few micro-batches; ``T`` with one).
+        """
         if self.balance != "time" or self.batch % (mesh["dp"] * n_microbatches):
             return 0.0
         g = self.graphs(mesh["tp"], recompute)
         if mesh["tp"] > 1 and not g.info.row and not g.info.expert:
             return 0.0
-        per_microbatch = g.costs.at_fraction(1.0 / (mesh["dp"] * n_microbatches)).total
-        return per_microbatch * n_microbatches / mesh["pp"]
+        m, pp = n_microbatches, mesh["pp"]
+        per_microbatch = g.costs.at_fraction(1.0 / (mesh["dp"] * m)).total
+        return per_microbatch / (1.0 - (1.0 - 1.0 / m) ** pp)
 
     def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False) -> list[int]:
         """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""

@@ -163,7 +163,8 @@ def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int
     sharing compute units) finishes them, and copied into and out of the buckets (``copy``: device
     work). Sharded: a lone stage (``pp == 1``) reshards after each block, so every micro-batch gathers
     every block before its forward and again before its backward, each gather hidden under the block
-    before it but the first; a pipeline stage gathers once per step and keeps its parameters.
+    before it but the first (the last backward's gathers share the link with the gradients'
+    reduce-scatter); a pipeline stage gathers once per step and keeps its parameters.
     """
     if dp <= 1 or not training:
         return ("", 0, 0.0), 0.0, 0.0
@@ -177,12 +178,14 @@ def _dp_sync(t: StageTiming, dp: int, mode: str, link, *, training: bool, m: int
     gather = all_gather_s(t.param_bytes, dp, link)          # parameters travel in their own dtype
     scatter = reduce_scatter_s(nbytes, dp, link)
     if pp == 1:
+        # the last backward gathers the next block while it reduce-scatters the one before, on one link
         n_gathers = 2 * m
-        exposed = m * (max(gather - t.forward_s, gather / units) + max(gather - t.backward_s, gather / units))
+        exposed = m * max(gather - t.forward_s, gather / units) \
+            + (m - 1) * max(gather - t.backward_s, gather / units) \
+            + max(gather + scatter - t.backward_s, (gather + scatter) / units)
     else:
         n_gathers = 1
-        exposed = max(gather - t.forward_s, gather / units)
-    exposed += max(scatter - t.backward_s, scatter / units)
+        exposed = max(gather - t.forward_s, gather / units) + max(scatter - t.backward_s, scatter / units)
     moved = int((n_gathers * t.param_bytes + nbytes) * (dp - 1) / dp)
     return ("parameter all-gather + gradient reduce-scatter", moved, n_gathers * gather + scatter), exposed, 0.0
 

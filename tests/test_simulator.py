@@ -165,3 +165,17 @@ def test_optimizer_runs_at_the_specs_optimizer_bandwidth():
     measured = _step(_spec(optimizer_bandwidth_Bps=1e10), {}, [_stage(param_bytes=nbytes)], optimizer="adamw")
     assert fused == pytest.approx(9 * nbytes / 1e11)          # params, grads, 2 moments read; 3 written
     assert measured.optimizer_s == pytest.approx(9 * nbytes / 1e10)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_sharded_data_parallel_traffic_longer_than_the_compute_is_exposed(m):
+    spec = _spec()
+    stage = _stage(forward_s=0.01, backward_s=0.02, param_bytes=200 * _MB, n_units=10)   # gathers of ~20 ms each
+    mesh = {"dp": 8, "tp": 1, "pp": 1}
+    cost = simulate_plan([stage], mesh=mesh, schedule="1f1b", n_microbatches=m, data_parallel="shard", spec=spec,
+                         devices_per_node=8, training=True, optimizer=None)
+    dp = next(a for a in cost.axes if a.axis == "dp")
+    compute = m * (stage.forward_s + stage.backward_s)
+    # one link carries every gather and the reduce-scatter: what the compute cannot hide is waited for
+    assert dp.exposed_s >= dp.time_s - compute - 1e-12
+    assert cost.step_time_s >= dp.time_s - 1e-12
