@@ -111,7 +111,8 @@ class FinetunePlan:
                  f"{est.optimizer or 'no optimizer'}, chosen {how}, {self.n_costed} candidates costed)",
                  "", table(["", "this plan", "full fine-tuning", "ratio"], rows)]
         if self.parts:
-            lines += ["", self.part_table()]
+            lines += ["", self.part_table(), "+bytes, +time: the step's peak and time over the head-only step's "
+                      "when the part alone trains as decided (in full when frozen); the head's row: the head-only step"]
         if self.scores is not None:
             s = self.scores
             lines += ["", f"score: held-out loss drop (nats) of {s.steps} AdamW steps (lr {s.lr:g}) of the part "
