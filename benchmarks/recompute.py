@@ -6,30 +6,33 @@ one process, for: no checkpointing; ``checkpoint`` around every block;
 ``checkpoint_sequential`` over the blocks with 2, 4 and 8 segments; PyTorch's min-cut
 partitioner (``torch.compile(backend="aot_eager")`` under
 ``torch._functorch.config.activation_memory_budget`` 0.5 and 0.2); and
-``passes.recompute`` at 0.6x, 0.37x and 0.27x of the unmodified peak (fxpart's simulated
-peak of the same step).
+``passes.recompute`` with budgets of 0.6x, 0.37x and 0.27x of the measured peak of the
+unmodified step.
 
 Measured for each, on real tensors:
 
-* peak: every live storage (a ``TorchDispatchMode`` following each allocation to its
-  release, parameters and inputs registered first) over forward + backward on the CPU,
-  gradients set to None before the step. ``MemTracker`` is shown beside it for the eager
-  rows. Dynamo runs a compiled model eagerly when a dispatch mode is active at the call,
-  so for the min-cut rows the tracker (and the FLOP counter) is entered inside the
-  compiled forward and backward graphs instead (a no-op compiler that wraps each graph);
+* peak: the CPU allocator's, from its events recorded by ``torch.profiler``
+  (``profile_memory=True``, as ``passes.measure_step`` measures), over forward + backward,
+  plus the parameters and inputs allocated before; gradients set to None before the step.
+  It sees what no dispatched op shows: the LM head's backward copies the gradient of
+  ``logits.sum()`` (an expanded scalar, zero strides) into a logits-sized buffer.
+  ``MemTracker`` (which follows dispatched ops' storages, so misses that copy) is shown
+  beside it for the eager rows;
 * FLOPs: ``FlopCounterMode`` over forward + backward. On CPU it counts 0 for attention
   (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), so those two ops
   get the formulas ``FlopCounterMode`` itself uses for the CUDA attention kernels
-  (``custom_mapping``); every variant is counted the same way.
+  (``custom_mapping``); every variant is counted the same way. Dynamo runs a compiled
+  model eagerly when a dispatch mode is active at the call, so for the min-cut rows the
+  counter is entered inside the compiled forward and backward graphs instead (a no-op
+  compiler that wraps each graph).
 
 Writes ``benchmarks/results/recompute.md``. Run: ``python benchmarks/recompute.py``
-(about 2 minutes on 2 cores).
+(about 4 minutes on 2 cores).
 """
 from __future__ import annotations
 
 import contextlib
 import time
-import weakref
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
@@ -41,17 +44,17 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils import flop_counter as fc
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from passes import capture  # noqa: E402
+from passes.monitor import _cpu_allocator_peak  # noqa: E402
 from passes.recompute import PLAN, recompute  # noqa: E402
 from passes.simulate import simulate  # noqa: E402
 from passes.zoo import tiny_gpt  # noqa: E402
 
 aten = torch.ops.aten
 N_LAYERS, BATCH, SEQ = 8, 8, 256
+FRACTIONS = (0.6, 0.37, 0.27)   # of the measured peak of the unmodified step
 
 
 def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -86,35 +89,17 @@ def _sequential(model, n_segments):
         model, idx, lambda x: checkpoint_sequential(model.blocks, n_segments, x, use_reentrant=False))
 
 
-class _StoragePeak(TorchDispatchMode):
-    """Peak bytes of live storages: those registered up front plus every one an op allocates."""
+def _allocator_peak(model, inputs, step) -> int:
+    """The CPU allocator's peak over ``step()``, plus the parameters and inputs allocated before."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in list(model.parameters()) + list(inputs)}
+    _, allocated = _cpu_allocator_peak(step)
+    return sum(storages.values()) + allocated
 
-    def __init__(self, tensors=()):
-        super().__init__()
-        self.live, self.peak, self.keys = 0, 0, set()
-        for t in tensors:
-            self.track(t)
 
-    def track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.keys:
-            return
-        self.keys.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, storage.nbytes())
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.keys.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
-        return out
+def _train_step(forward, inputs) -> None:
+    loss = forward(*inputs).sum()
+    loss.backward()
+    del loss
 
 
 _INSIDE_GRAPHS: list = []   # context managers entered around every compiled graph's run
@@ -146,37 +131,33 @@ def _min_cut(model, inputs, budget):
     return compiled
 
 
-def measure(model, inputs, forward) -> tuple[int, int | None, int]:
-    """(storage peak, MemTracker peak, FLOPs) of one forward + backward of ``forward``, after a warm-up."""
+def measure(model, inputs, forward) -> tuple[int, int]:
+    """(allocator peak, FLOPs) of one forward + backward of ``forward``, after a warm-up."""
     model.zero_grad(set_to_none=True)
-    forward(*inputs).sum().backward()
+    _train_step(forward, inputs)
     model.zero_grad(set_to_none=True)
+    peak = _allocator_peak(model, inputs, lambda: _train_step(forward, inputs))
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False, custom_mapping=_ATTENTION_ON_CPU) as counter:
+        _train_step(forward, inputs)
+    model.zero_grad(set_to_none=True)
+    return peak, counter.get_total_flops()
+
+
+def memtracker_peak(model, inputs, forward) -> int:
+    """MemTracker's peak of the same step. Run after every other measurement: its instrumentation stays on
+    the model's parameters after its context exits and adds a gradient-sized buffer to later steps."""
     tracker = MemTracker()
     tracker.track_external(model, *inputs)
     with tracker:
-        loss = forward(*inputs).sum()
-        loss.backward()
-        del loss
-    memtracker = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        _train_step(forward, inputs)
     model.zero_grad(set_to_none=True)
-    with _StoragePeak(list(model.parameters()) + list(inputs)) as storages:
-        loss = forward(*inputs).sum()
-        loss.backward()
-        del loss
-    model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False, custom_mapping=_ATTENTION_ON_CPU) as counter:
-        forward(*inputs).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return storages.peak, memtracker, counter.get_total_flops()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
-def measure_compiled(model, inputs, compiled) -> tuple[int, None, int]:
-    """The same for a compiled model, with the trackers entered inside its forward and backward graphs."""
-    storages = _StoragePeak(list(model.parameters()) + list(inputs))
-    _INSIDE_GRAPHS[:] = [storages]
-    loss = compiled(*inputs).sum()
-    loss.backward()
-    del loss
+def measure_compiled(model, inputs, compiled) -> tuple[int, int]:
+    """The same for a compiled model (the profiler does not stop Dynamo; the FLOP counter runs inside its graphs)."""
+    peak = _allocator_peak(model, inputs, lambda: _train_step(compiled, inputs))
     model.zero_grad(set_to_none=True)
     flops = 0
     forward_counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_ON_CPU)
@@ -189,7 +170,7 @@ def measure_compiled(model, inputs, compiled) -> tuple[int, None, int]:
     flops += backward_counter.get_total_flops()
     _INSIDE_GRAPHS.clear()
     model.zero_grad(set_to_none=True)
-    return storages.peak, None, flops
+    return peak, flops
 
 
 def main() -> None:
@@ -201,45 +182,57 @@ def main() -> None:
     simulated = simulate(model_gm, inputs, {}, training=True).peak_bytes
     variants = [("none", model), ("checkpoint every block", _every_block(model))]
     variants += [(f"`checkpoint_sequential`, {k} segments", _sequential(model, k)) for k in (2, 4, 8)]
-    rows, results, plans = [], {}, {}
+    results, budgets, plans, eager = {}, {}, {}, dict(variants)
     for name, forward in variants:
         results[name] = measure(model, inputs, forward)
     for budget in (0.5, 0.2):
         compiled = _min_cut(model, inputs, budget)
         results[f"min-cut (`torch.compile`, aot_eager), budget {budget}"] = measure_compiled(model, inputs, compiled)
     torch._dynamo.reset()
-    for fraction in (0.6, 0.37, 0.27):
+    base_peak, base_flops = results["none"]
+    for fraction in FRACTIONS:
+        name = f"`recompute`, budget {fraction}x"
+        budgets[name] = int(fraction * base_peak)
         t0 = time.perf_counter()
-        fitted = recompute(model_gm, inputs, peak_bytes=int(fraction * simulated))
+        fitted = recompute(model_gm, inputs, peak_bytes=budgets[name])
         plans[fraction] = (fitted.meta[PLAN], time.perf_counter() - t0)
-        results[f"`recompute`, budget {fraction}x"] = measure(model, inputs, fitted)
-    base_peak, _, base_flops = results["none"]
-    for name, (peak, memtracker, flops) in results.items():
+        results[name] = measure(model, inputs, fitted)
+        eager[name] = fitted
+    memtracker = {name: memtracker_peak(model, inputs, forward) for name, forward in eager.items()}
+    rows = []
+    for name, (peak, flops) in results.items():
+        budget = budgets.get(name)
         rows.append((name, f"{peak / 2**20:.1f}", f"{peak / base_peak:.3f}x",
-                     "-" if memtracker is None else f"{memtracker / 2**20:.1f}", f"{flops / 1e9:.2f}",
+                     "-" if budget is None else f"{budget / 2**20:.1f}",
+                     "-" if budget is None else f"{peak / budget:.3f}",
+                     f"{memtracker[name] / 2**20:.1f}" if name in memtracker else "-", f"{flops / 1e9:.2f}",
                      f"+{100 * (flops - base_flops) / base_flops:.1f}%"))
     elapsed = time.perf_counter() - start
-    plan_lines = [f"- {fraction}x: levels {plan.levels} (simulated peak {plan.peak_bytes / simulated:.3f}x, "
-                  f"+{100 * plan.extra_flops / plan.baseline_flops:.1f}% FLOPs), search {secs:.1f} s"
+    plan_lines = [f"- {fraction}x: levels {plan.levels} (simulated peak {plan.peak_bytes / base_peak:.3f}x of the "
+                  f"measured unmodified peak, +{100 * plan.extra_flops / plan.baseline_flops:.1f}% FLOPs), "
+                  f"search {secs:.1f} s"
                   for fraction, (plan, secs) in plans.items()]
     text = "\n".join([
         "# Recomputation frontier: `passes.recompute` vs PyTorch checkpointing",
         "",
         f"TinyGPT ({N_LAYERS} layers, d=128, 4 heads, batch {BATCH}, seq {SEQ}, tied head), one training step "
         "(forward, loss = sum of the logits, backward; no optimizer) on the CPU, torch "
-        f"{torch.__version__}. Peak: every live storage over forward + backward (a dispatch mode following each allocation; parameters "
-        "and inputs included; for the compiled rows it runs inside the compiled forward and backward graphs, "
-        "since Dynamo runs the model eagerly under an active dispatch mode). `MemTracker` beside it for the eager "
-        "rows. "
-        "FLOPs: `FlopCounterMode` over forward + backward, with the CUDA attention kernels' formulas "
-        "given for the CPU attention kernel and its backward (which it counts as 0 on CPU), the same for "
-        "every row. `recompute`'s budgets are fractions of fxpart's simulated peak of the unmodified step "
-        f"({simulated / 2**20:.1f} MiB); the ratio column is to the measured peak without checkpointing.",
+        f"{torch.__version__}, every row in the same run. Peak: the CPU allocator's over forward + backward "
+        "(its events recorded by `torch.profiler`, as `passes.measure_step` measures; parameters and inputs "
+        "included), which sees the logits-sized copy the LM head's backward makes of the gradient of "
+        "`logits.sum()`; `MemTracker`, which follows dispatched ops' storages and misses that copy, beside it "
+        "for the eager rows (run last: its instrumentation stays on the parameters and adds a gradient-sized "
+        "buffer to later steps of the same model, as on the `recompute` rows). FLOPs: `FlopCounterMode` over forward + backward, with the CUDA attention "
+        "kernels' formulas given for the CPU attention kernel and its backward (which it counts as 0 on CPU), "
+        "the same for every row. `recompute`'s budgets are fractions of the measured peak of the unmodified "
+        f"step ({base_peak / 2**20:.1f} MiB; fxpart's simulated peak of it: {simulated / 2**20:.1f} MiB); "
+        "peak / budget at or under 1 means the budget held on the real step.",
         "",
-        md_table(["strategy", "peak MiB", "peak vs none", "MemTracker MiB", "GFLOP fwd+bwd", "extra FLOPs"], rows),
+        md_table(["strategy", "peak MiB", "peak vs none", "budget MiB", "peak / budget", "MemTracker MiB",
+                  "GFLOP fwd+bwd", "extra FLOPs"], rows),
         "",
-        "`recompute`'s plans (level per block: 0 no checkpoint, 1 checkpoint keeping every matmul/attention "
-        "output, each further level recomputes one more of them, the last recomputes everything):",
+        "`recompute`'s plans (level per block: 0 no checkpoint, 1 checkpoint keeping the outputs of every "
+        "matmul/attention, each further level recomputes one more of them, the last recomputes everything):",
         "",
         *plan_lines,
         "",

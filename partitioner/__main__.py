@@ -1,14 +1,17 @@
-"""python -m partitioner: cost a model's training step (or inference) and cut it into pipeline stages.
+"""python -m partitioner: cost a model's training step (or inference) and plan it on n devices.
 
-Prints the cost per module, then one row per stage (FLOPs, time, memory, bytes crossing
-cuts), and writes a drawing of the plan. Without --model it plans a built-in 8-layer
-GPT (passes.zoo.tiny_gpt). With --model module:factory it imports factory from module
-(the current directory is on the path); factory() returns (model, example_inputs) or
-(model, example_inputs, example_kwargs). Build the model on the meta device to plan
-hardware you do not have.
+Prints the cost per module, then the plan: the device mesh chosen (data x tensor x pipeline
+parallel), one row per stage (FLOPs, time, memory, bytes crossing cuts), what each mesh axis
+communicates and the candidates tried; and writes a drawing of the plan. Without --model it
+plans a built-in 8-layer GPT (passes.zoo.tiny_gpt). With --model module:factory it imports
+factory from module (the current directory is on the path); factory() returns (model,
+example_inputs) or (model, example_inputs, example_kwargs). Build the model on the meta
+device to plan hardware you do not have.
 
 examples:
   python -m partitioner --devices 4 --draw plan.png
+  python -m partitioner --strategy pipeline --devices 4 --microbatches 8 --schedule gpipe
+  python -m partitioner --mesh dp=2,tp=2,pp=2 --data-parallel shard
   python -m partitioner --model mypkg.models:make --devices 8 --device h200 --save plan.json
   python -m partitioner --chart stages.png --timeline timeline.png   (needs matplotlib; .txt without)
 """
@@ -67,7 +70,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m partitioner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="module:factory returning (model, inputs[, kwargs]); default: built-in GPT")
-    parser.add_argument("-n", "--devices", type=int, default=4, help="number of pipeline stages (default 4)")
+    parser.add_argument("-n", "--devices", type=int, default=None,
+                        help="number of devices (default 4, or the --mesh's product)")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "pipeline", "tensor", "data"],
+                        help="auto: choose the mesh (default); pipeline / tensor / data: one axis")
+    parser.add_argument("--mesh", default="", help="pin the degrees, e.g. dp=2,tp=2,pp=2")
+    parser.add_argument("--data-parallel", default=None, choices=["replicate", "shard"],
+                        help="data-parallel mode (default: the planner chooses)")
+    parser.add_argument("--microbatches", type=int, default=None,
+                        help="micro-batches per replica (default: the planner chooses)")
+    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe"],
+                        help="pipeline schedule (default: the planner chooses)")
+    parser.add_argument("--devices-per-node", type=int, default=8, help="devices sharing the fast link (default 8)")
     parser.add_argument("--device", default="h100", help="h100, h200, a100 or cpu (default h100)")
     parser.add_argument("--inference", action="store_true", help="plan inference instead of training")
     parser.add_argument("--memory-limit-gb", type=float, help="memory per device in GB (default: the device's)")
@@ -78,8 +92,10 @@ def main(argv=None) -> int:
     parser.add_argument("--timeline", default="",
                         help="the 1F1B schedule in time: .png/.svg (matplotlib), .json (Chrome trace) or .txt")
     args = parser.parse_args(argv)
+    mesh = _mesh(args.mesh)
+    n_devices = args.devices or (mesh["dp"] * mesh["tp"] * mesh["pp"] if mesh else 4)
 
-    from passes import estimate
+    from passes import capture, estimate
     from passes.zoo import tiny_gpt
     from . import partition
 
@@ -90,21 +106,26 @@ def main(argv=None) -> int:
             model, inputs = tiny_gpt(n_layers=8)
             kwargs = {}
     start = time.perf_counter()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     with _step("capturing and costing"):
-        est = estimate(model, inputs, kwargs, device=args.device, training=not args.inference,
+        gm = capture(model, inputs, kwargs)            # once: partition reuses the graph and its costs
+        est = estimate(gm, inputs, kwargs, device=args.device, training=not args.inference,
                        optimizer=None if args.inference else "adamw")
     print(est.report(depth=2), "\n")
-    with _step(f"partitioning into {args.devices} stages"):
-        plan = partition(model, args.devices, inputs, kwargs, device=args.device, training=not args.inference,
+    with _step(f"planning on {n_devices} devices"):
+        plan = partition(gm, n_devices, inputs, kwargs, strategy=args.strategy, mesh=mesh,
+                         data_parallel=args.data_parallel, device=args.device, training=not args.inference,
+                         n_microbatches=args.microbatches, schedule=args.schedule,
+                         devices_per_node=args.devices_per_node,
                          memory_limit=int(args.memory_limit_gb * 1e9) if args.memory_limit_gb else None)
     print(plan.report())
     print(f"\nplanned in {time.perf_counter() - start:.1f} s")
     if not any(p.is_meta for p in model.parameters()):
         with torch.no_grad():
-            same = torch.allclose(plan(*inputs, **kwargs), model(*inputs, **kwargs)) \
-                if isinstance(model(*inputs, **kwargs), torch.Tensor) else None
+            want = model(*inputs, **kwargs)
+            same = torch.allclose(plan(*inputs, **kwargs), want, atol=1e-5) if isinstance(want, torch.Tensor) else None
         if same is not None:
-            print(f"stages run in order reproduce the model's output: {same}")
+            print(f"the plan run in this process (every stage and shard) reproduces the model's output: {same}")
     if args.draw:
         with _step("drawing"):
             path = plan.draw(args.draw, depth=args.depth)
@@ -121,6 +142,19 @@ def main(argv=None) -> int:
     if args.save:
         print(f"plan saved: {plan.save(args.save)}")
     return 0
+
+
+def _mesh(text: str) -> dict | None:
+    """``"dp=2,tp=2"`` -> ``{"dp": 2, "tp": 2, "pp": 1}``."""
+    if not text:
+        return None
+    mesh = {"dp": 1, "tp": 1, "pp": 1}
+    for part in text.split(","):
+        axis, _, value = part.partition("=")
+        if axis.strip() not in mesh or not value.strip().isdigit():
+            raise SystemExit(f"--mesh {text!r}: write axis=degree pairs from dp, tp, pp, e.g. dp=2,tp=2,pp=2")
+        mesh[axis.strip()] = int(value)
+    return mesh
 
 
 if __name__ == "__main__":

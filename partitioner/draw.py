@@ -19,18 +19,33 @@ from passes._keys import COLLECTIVE, COST
 from passes._util import format_bytes, format_count, format_seconds
 from passes.draw import module_group, render, value_bytes, write_dot
 
-__all__ = ["plan_dot", "tensor_dot", "draw_plan", "render", "stage_chart", "schedule_timeline"]
+__all__ = ["plan_dot", "tensor_dot", "draw_plan", "render", "stage_chart", "schedule_timeline", "mesh_caption"]
 
 _COLORS = ["#dbe9f6", "#fde2c8", "#d9f0d3", "#f3d1e6", "#fff2b3", "#d0e0e3", "#e6d5f5", "#f9d6d5"]
 
 
+def mesh_caption(plan) -> str:
+    """One line: the mesh, what each axis holds, and the simulated step."""
+    mesh = plan.mesh
+    parts = [f"mesh dp{mesh['dp']} x tp{mesh['tp']} x pp{mesh['pp']} = {plan.n_devices} x "
+             f"{getattr(plan.device, 'name', plan.device)}"]
+    if mesh["pp"] > 1:
+        parts.append(f"{mesh['pp']} stages ({plan.schedule}, {plan.n_microbatches} micro-batches)")
+    if mesh["tp"] > 1:
+        parts.append(f"{mesh['tp']} tensor shards per stage")
+    if mesh["dp"] > 1:
+        parts.append(f"{mesh['dp']} {plan.data_parallel}d replicas of each")
+    parts.append(f"step {format_seconds(plan.cost.step_time_s)}, {format_bytes(plan.cost.peak_bytes)} per device")
+    return "; ".join(parts)
+
+
 def plan_dot(plan, *, depth: int = 3) -> pydot.Dot:
-    """A DOT graph of the plan: one cluster per stage, one box per module group."""
-    if plan.strategy == "tensor":
+    """A DOT graph of the plan: one cluster per stage, one box per module group; a lone tensor-parallel
+    stage as its shards side by side. The title gives the mesh."""
+    if plan.mesh["tp"] > 1 and plan.mesh["pp"] == 1:
         return tensor_dot(plan, depth=depth)
     dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
-                    label=f"{plan.model}: {len(plan.stages)} {plan.strategy} stages on "
-                          f"{getattr(plan.device, 'name', plan.device)}, balance {plan.balance_ratio:.3f} x lower bound",
+                    label=f"{plan.model}: {mesh_caption(plan)}; balance {plan.balance_ratio:.3f} x lower bound",
                     labelloc="t")
     producer: dict[str, str] = {}   # value name -> group box id
     edges: set[tuple[str, str]] = set()
@@ -84,11 +99,10 @@ def tensor_dot(plan, *, depth: int = 3) -> pydot.Dot:
     from .sharding import ALL_GATHER, ALL_REDUCE, WAIT
     collective_ops = {ALL_REDUCE: "all-reduce (sum)", ALL_GATHER: "all-gather"}
     dot = pydot.Dot("plan", graph_type="digraph", rankdir="TB", fontname="Helvetica", compound="true",
-                    label=f"{plan.model}: {len(plan.stages)} tensor-parallel shards on "
-                          f"{getattr(plan.device, 'name', plan.device)}", labelloc="t")
+                    label=f"{plan.model}: {mesh_caption(plan)}", labelloc="t")
     collectives: dict[str, pydot.Node] = {}
     edges: set[tuple[str, str]] = set()
-    for stage in plan.stages:
+    for stage in plan.stages[0].shards:
         c = stage.cost
         cluster = pydot.Cluster(f"shard{stage.index}", style="filled", fillcolor=_COLORS[stage.index % len(_COLORS)],
                                 fontname="Helvetica", label=f"shard {stage.index}: {format_bytes(c.param_bytes)} params, "

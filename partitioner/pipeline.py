@@ -8,7 +8,7 @@ dynamic programme over cut positions, vectorised over the stage's start.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -17,22 +17,29 @@ import torch
 import torch.fx
 
 from passes._keys import COST
-from passes._util import fetch_attr, format_bytes, tensor_bytes
-from .graph_split import ComputeOrder, build_stage
-from .plan import Plan, Stage, StageCost
+from passes._util import block_path, fetch_attr, format_bytes, module_path, tensor_bytes
+from .graph_split import ComputeOrder
 
-__all__ = ["PipelineCosts", "solve_cuts", "build_plan", "fingerprint", "stage_modules", "state_keys"]
+__all__ = ["PipelineCosts", "solve_cuts", "unit_boundaries", "memory_model", "stage_memory", "state_per_param_byte", "lower_bound",
+           "in_flight", "explain_memory",
+           "SCHEDULES", "BALANCES", "OPT_STATE_PER_PARAM"]
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "gpipe")
 BALANCES = ("time", "flops")
-_OPT_STATE_PER_PARAM = {None: 0, "sgd": 0, "adamw": 2}
+OPT_STATE_PER_PARAM = {None: 0, "sgd": 0, "adamw": 2}
 
 
 @dataclass
 class PipelineCosts:
-    """Prefix sums over the compute order that make any stage's cost O(1)."""
+    """Prefix sums over the compute order that make any stage's cost O(1).
+
+    Costs are of the example batch on one device (``fraction`` 1). ``at_fraction(f)`` gives the
+    costs of one micro-batch that is ``f`` of it: time shrinks with the batch except each node's
+    ``fixed`` part (kernel launches and reading its weights), bytes of activations and crossings
+    shrink in proportion.
+    """
     order: ComputeOrder
     work: np.ndarray          # [n+1] prefix of the balanced quantity (seconds or FLOPs)
     comm: np.ndarray          # [n+1] seconds to move what crosses cut k (0 at both ends)
@@ -45,15 +52,24 @@ class PipelineCosts:
     total: float
     buffers: np.ndarray | None = None   # [n+1] prefix of buffer and constant bytes, each charged to its first reader
     reread: tuple = ()        # (bytes, is parameter, reader positions) of tensors read at several positions (tied)
+    node_time: np.ndarray | None = None    # [n] seconds of each node (forward + backward) on the whole example
+    node_fixed: np.ndarray | None = None   # [n] of that, what does not shrink with the batch
+    node_forward: np.ndarray | None = None  # [n] of node_time, the forward's
+    fraction: float = 1.0
+    link_Bps: float = 0.0
 
     @classmethod
-    def of(cls, gm: torch.fx.GraphModule, *, training: bool, link_Bps: float, balance: str) -> "PipelineCosts":
+    def of(cls, gm: torch.fx.GraphModule, *, training: bool, link_Bps: float, balance: str,
+           spec=None) -> "PipelineCosts":
         order = ComputeOrder.of(gm)
         costs = [n.meta[COST] for n in order.nodes]
+        node_time = np.array([c.time_s for c in costs], dtype=np.float64)
+        node_fixed = np.array([_fixed_s(n, c, spec, training) for n, c in zip(order.nodes, costs)]) \
+            if spec is not None else np.zeros(len(costs))
         if balance == "flops":
             work = np.array([c.flops + c.backward_flops for c in costs], dtype=np.float64)
         else:
-            work = np.array([c.time_s for c in costs], dtype=np.float64)
+            work = node_time
         crossing, floats, ok = order.crossing()
         moved = np.array(crossing, dtype=np.float64) + (np.array(floats, dtype=np.float64) if training else 0)
         comm = moved / link_Bps if balance == "time" else np.zeros(len(crossing))
@@ -66,7 +82,45 @@ class PipelineCosts:
         return cls(order, _prefix(work), comm, np.array(ok), _prefix(first_reader[0]), _prefix(saved),
                    np.array([c.output_bytes for c in costs], dtype=np.float64), crossing,
                    float(work.max(initial=0.0)), float(work.sum()), buffers=_prefix(first_reader[1]),
-                   reread=tuple(r for r in readers if len(r[2]) > 1))
+                   reread=tuple(r for r in readers if len(r[2]) > 1), node_time=node_time,
+                   node_fixed=np.minimum(node_fixed, node_time), link_Bps=link_Bps,
+                   node_forward=np.array([c.forward_time_s for c in costs], dtype=np.float64))
+
+    def at_fraction(self, f: float) -> "PipelineCosts":
+        """The costs of a micro-batch that is ``f`` of the example batch (time-balanced costs only)."""
+        if f == self.fraction:
+            return self
+        scale = f / self.fraction
+        if self.node_time is None or not self.link_Bps:   # FLOP-balanced: FLOPs shrink in proportion
+            work = self.work * scale
+            return dataclasses.replace(self, work=work, comm=self.comm * scale, unit_max=self.unit_max * scale,
+                                       total=self.total * scale, fraction=f)
+        node = f * (self.node_time - self.node_fixed) + self.node_fixed
+        return dataclasses.replace(self, work=_prefix(node), comm=self.comm * scale, saved=self.saved * scale,
+                                   out_bytes=self.out_bytes * scale, unit_max=float(node.max(initial=0.0)),
+                                   total=float(node.sum()), fraction=f,
+                                   crossing_bytes=[b * scale for b in self.crossing_bytes])
+
+    def largest_output(self, starts: np.ndarray, end) -> np.ndarray:
+        """The largest single allocation of nodes ``[start, end)`` for every start (and end, broadcast):
+        a sparse table answers each pair in O(1). Pairs with ``start >= end`` give a meaningless value."""
+        table = self.__dict__.get("_max_table")
+        if table is None:
+            table = [self.out_bytes]
+            while 2 ** len(table) <= len(self.out_bytes):
+                prev, half = table[-1], 2 ** (len(table) - 1)
+                table.append(np.maximum(prev[:-half], prev[half:]))
+            self.__dict__["_max_table"] = table
+        starts, end = np.broadcast_arrays(np.asarray(starts), np.asarray(end))
+        level = np.floor(np.log2(np.maximum(end - starts, 1))).astype(np.int64)
+        out = np.zeros(starts.shape)
+        for k in np.unique(level):
+            pick = level == k
+            row = table[k]
+            first = np.clip(starts[pick], 0, len(row) - 1)
+            last = np.clip(end[pick] - 2 ** k, 0, len(row) - 1)
+            out[pick] = np.maximum(row[first], row[last])
+        return out
 
     def held_bytes(self, starts: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Parameter and buffer bytes of stages ``[start, end)`` for every start: each tensor they read, once."""
@@ -110,148 +164,89 @@ def lower_bound(costs: PipelineCosts, n_stages: int) -> float:
 
 
 def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | None = None,
-               memory_of=None) -> list[int]:
+               memory_of=None, allowed: np.ndarray | None = None) -> list[int]:
     """Cut positions (``n_stages - 1`` of them) minimising the slowest stage, exactly.
 
-    ``memory_of(stage_index, starts, end) -> bytes`` (vectorised over the ``starts`` array)
-    gives a stage's memory; stages above ``memory_limit`` are not allowed.
+    ``memory_of(stage_index, starts, ends) -> bytes`` (numpy, broadcasting ``starts`` against
+    ``ends``) gives a stage's memory; stages above ``memory_limit`` are not allowed. ``allowed``
+    restricts the cuts to those positions (block and sub-block boundaries of a deep model).
+    A dynamic programme over stages, each step one vectorised (start x end) sweep in column
+    blocks: O(stages x positions^2) element operations.
 
     Raises:
         ValueError: no split satisfies the cuttable positions and the memory limit.
     """
     n = len(costs.order)
-    work, comm, ok = costs.work, costs.comm, costs.cuttable
-    # best[k, j]: the least slowest-stage cost of nodes [0, j) cut into k + 1 stages
-    best = np.full((n_stages, n + 1), np.inf)
-    choice = np.zeros((n_stages, n + 1), dtype=np.int64)
+    pos = np.flatnonzero(costs.cuttable)
+    if allowed is not None:
+        pos = np.union1d(np.intersect1d(pos, allowed), [0, n])
+    size = len(pos)
+    work, comm = costs.work[pos], costs.comm[pos]
+    # best[k, j]: the least slowest-stage cost of nodes [0, pos[j]) cut into k + 1 stages
+    best = np.full((n_stages, size), np.inf)
+    choice = np.zeros((n_stages, size), dtype=np.int64)
+    rows = np.arange(size)
+    block = max(1, 4_000_000 // size)
     for k in range(n_stages):
-        for j in range(k + 1, n + 1 - (n_stages - 1 - k)):
-            if not ok[j]:
-                continue
-            starts = np.arange(k, j) if k else np.zeros(1, dtype=np.int64)
-            stage = work[j] - work[starts] + comm[starts] + comm[j]
-            cand = np.maximum(best[k - 1][starts], stage) if k else stage
+        for first in range(0, size, block):
+            cols = rows[first:first + block]
+            stage = work[None, cols] - work[:, None] + comm[:, None] + comm[None, cols]     # [start, end]
+            if k == 0:
+                stage = np.where(rows[:, None] == 0, stage, np.inf)
+            else:
+                stage = np.maximum(best[k - 1][:, None], stage)
+            cand = np.where(rows[:, None] < cols[None, :], stage, np.inf)
             if memory_limit is not None:
-                cand = np.where(memory_of(k, starts, j) > memory_limit, np.inf, cand)
-            i = int(np.argmin(cand))
-            best[k, j], choice[k, j] = cand[i], starts[i]
-    if not np.isfinite(best[n_stages - 1, n]):
+                live = np.isfinite(cand).any(axis=1)          # memory only where a start can be used
+                need = np.full(cand.shape, np.inf)
+                need[live] = memory_of(k, pos[live][:, None], pos[None, cols])
+                cand = np.where(need > memory_limit, np.inf, cand)
+            pick = np.argmin(cand, axis=0)
+            best[k, cols] = cand[pick, np.arange(len(cols))]
+            choice[k, cols] = pick
+    if size <= n_stages or not np.isfinite(best[n_stages - 1, size - 1]):
         raise ValueError("no feasible split")
-    cuts, j = [], n
+    cuts, j = [], size - 1
     for k in range(n_stages - 1, 0, -1):
         j = int(choice[k, j])
-        cuts.append(j)
+        cuts.append(int(pos[j]))
     return sorted(cuts)
 
 
+def unit_boundaries(order: ComputeOrder) -> np.ndarray:
+    """Positions where a block (``layers.3``) or a part of one (its attention, its MLP, a norm) begins:
+    the places to cut a deep model when cutting inside those parts gains little."""
+    keys = []
+    for node in order.nodes:
+        block = block_path(node)
+        path = module_path(node)
+        if block is None:
+            keys.append(path.split(".")[0] if path else "")
+        else:
+            rest = path[len(block):].lstrip(".").split(".")[0]
+            keys.append(f"{block}.{rest}")
+    return np.array([k for k in range(1, len(keys)) if keys[k] != keys[k - 1]], dtype=np.int64)
+
+
 def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedule: str, n_microbatches: int,
-                 optimizer: str | None):
-    """``memory_of(stage, starts, end)``: a stage's bytes for every start in ``starts`` (numpy)."""
+                 optimizer: str | None, dp: int = 1, dp_mode: str = "replicate", unit_param_bytes: float = 0.0,
+                 precision: str = "fp32"):
+    """``memory_of(stage, starts, end)``: a stage's bytes per device for every start in ``starts`` (numpy).
+
+    ``costs`` are those of one micro-batch (``PipelineCosts.at_fraction``); ``dp``/``dp_mode`` say how
+    the parameter state is held; ``unit_param_bytes`` is the largest block's parameters (what a
+    sharded data-parallel stage gathers at a time when it reshards after each block).
+    """
     crossing = np.array(costs.crossing_bytes, dtype=np.float64)
 
-    def memory_of(stage: int, starts: np.ndarray, end: int) -> np.ndarray:
-        # largest single allocation in [start, end), for every start at once
-        transient = np.maximum.accumulate(costs.out_bytes[:end][::-1])[::-1][starts]
+    def memory_of(stage: int, starts: np.ndarray, end) -> np.ndarray:     # ``end`` an int, or an array broadcast
+        transient = costs.largest_output(starts, end)      # largest single allocation in [start, end)
         params, buffers = costs.held_bytes(starts, end)
         return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
                             crossing[starts] + crossing[end], stage, n_stages, training=training,
-                            schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer)
+                            schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer, dp=dp,
+                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes, precision=precision)
     return memory_of
-
-
-def fingerprint(gm: torch.fx.GraphModule) -> str:
-    """A hash of the graph's structure (node names and ops) and parameter shapes: same architecture, same hash."""
-    h = hashlib.sha256()
-    for node in gm.graph.nodes:
-        h.update(f"{node.op}:{node.name}:{getattr(node.target, '__name__', node.target)};".encode())
-    for name, p in gm.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()[:16]
-
-
-def build_plan(gm: torch.fx.GraphModule, costs: PipelineCosts, cuts: list[int], *, spec, training: bool,
-               schedule: str, n_microbatches: int, optimizer: str | None, balance: str, model: str) -> Plan:
-    """Stage GraphModules and their costs for the given cut positions."""
-    order = costs.order
-    bounds = [0] + list(cuts) + [len(order)]
-    stages, holders = [], {}
-    n_stages = len(bounds) - 1
-    memory_of = memory_model(costs, n_stages, training=training, schedule=schedule, n_microbatches=n_microbatches,
-                             optimizer=optimizer)
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        module = build_stage(order, start, end, name=f"Stage{index}")
-        node_costs = [n.meta[COST] for n in order.nodes[start:end]]
-        param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        saved = sum(c.saved_bytes for c in node_costs)
-        memory = float(memory_of(index, np.array([start]), end)[0])   # the same model the solver bounded
-        cost = StageCost(
-            flops=sum(c.flops for c in node_costs), backward_flops=sum(c.backward_flops for c in node_costs),
-            param_bytes=param_bytes, time_s=sum(c.time_s for c in node_costs),
-            comm_s=float(costs.comm[start] + costs.comm[end]) if balance == "time" else
-            float((_moved(costs, start, training) + _moved(costs, end, training)) / spec.link_bandwidth_Bps),
-            memory_bytes=int(memory), saved_bytes=int(saved // max(n_microbatches, 1)),
-            bytes_in=costs.crossing_bytes[start] if start else 0,
-            bytes_out=costs.crossing_bytes[end] if end < len(order) else 0, n_nodes=end - start)
-        for name, _ in module.named_parameters():
-            holders.setdefault(id(fetch_attr(gm, name)), []).append((index, name))
-        stages.append(Stage(index, module, cost, order.nodes[start].name, order.nodes[end - 1].name,
-                            tuple(n.name for n in (order.live_at(start) if start else [])),
-                            tuple(n.name for n in order.live_at(end)) if end < len(order) else ("(outputs)",)))
-    shared = {entries[0][1]: [i for i, _ in entries] for entries in holders.values() if len(entries) > 1}
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    lb = lower_bound(costs, n_stages)
-    if balance == "flops":   # report the bound in seconds like the stages
-        lb = max(sum(s.cost.time_s for s in stages) / n_stages,
-                 max(n.meta[COST].time_s for n in order.nodes))
-    return Plan(strategy="pipeline", stages=stages, device=spec, training=training, schedule=schedule,
-                n_microbatches=n_microbatches, lower_bound_s=lb,
-                cuts=tuple(order.nodes[c].name for c in cuts), shared_params=shared,
-                in_spec=info.in_spec if info else None, out_spec=info.out_spec if info else None,
-                model=model, fingerprint=fingerprint(gm), balance=balance)
-
-
-def stage_modules(gm: torch.fx.GraphModule, cuts: tuple[str, ...]) -> list[torch.fx.GraphModule]:
-    """Stage GraphModules of ``gm`` cut before the nodes named ``cuts`` (as ``Plan.cuts`` records them).
-
-    ``gm`` is another capture of the planned architecture (e.g. of one micro-batch): node names
-    are matched, not positions, so a capture that drops a shape-specialised node (a size-1
-    ``expand``) still maps.
-
-    Raises:
-        ValueError: a cut node is missing from ``gm`` or cannot be cut there.
-    """
-    order = ComputeOrder.of(gm)
-    by_name = {n.name: i for i, n in enumerate(order.nodes)}
-    ok = order.crossing()[2]
-    positions = []
-    for cut in cuts:
-        pos = by_name.get(cut)
-        if pos is None or not ok[pos]:
-            raise ValueError(f"the cut before {cut!r} does not exist in the micro-batch capture of the model (its "
-                             f"graph differs from the full batch's); use a larger micro-batch (batch / n_microbatches)")
-        positions.append(pos)
-    bounds = [0] + positions + [len(order)]
-    return [build_stage(order, start, end, name=f"Stage{i}") for i, (start, end) in enumerate(zip(bounds, bounds[1:]))]
-
-
-def state_keys(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[str, str]:
-    """``model.state_dict()`` key -> the name the stage ``modules`` hold that tensor under, by tensor identity.
-
-    Tied tensors (an embedding and its head) have several keys and one name. A key whose
-    tensor no stage holds keeps its own name (``full_state_dict`` then reports it missing).
-    """
-    held: dict[int, str] = {}
-    for module in modules:
-        for name, t in list(module.named_parameters(remove_duplicate=False)) + \
-                list(module.named_buffers(remove_duplicate=False)):
-            held.setdefault(id(t), name)
-    return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
-
-
-def _moved(costs: PipelineCosts, k: int, training: bool) -> float:
-    if k == 0 or k == len(costs.order):
-        return 0.0
-    return costs.crossing_bytes[k] * (2 if training else 1)
 
 
 def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) -> int:
@@ -261,26 +256,57 @@ def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) 
     return min(n_stages - stage, n_microbatches)
 
 
-def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossing_bytes, stage, n_stages, *,
-                 training: bool, schedule: str, n_microbatches: int, optimizer: str | None):
-    """Bytes one device needs for a stage (works on numpy arrays too).
+def state_per_param_byte(optimizer: str | None, precision: str) -> float:
+    """Bytes of training state per byte of parameters.
 
-    Training: parameters, their gradients and optimizer state, the activations of every
-    micro-batch in flight, plus one micro-batch's largest transient buffer and the
-    tensors crossing its cuts. Inference: parameters plus one batch's transients.
+    ``"fp32"``: the parameter, its gradient, the optimizer's buffers. ``"mixed"`` (a bf16/fp16
+    model trained as Megatron-LM and FSDP2's ``MixedPrecisionPolicy`` do): the half-precision
+    parameter, an fp32 gradient, fp32 master weights and fp32 optimizer buffers: 18 bytes per
+    parameter with AdamW.
+    """
+    slots = OPT_STATE_PER_PARAM[optimizer]
+    if precision == "mixed":
+        return 1 + 2 + 2 + 2 * slots
+    return 2 + slots
+
+
+def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossing_bytes, stage, n_stages, *,
+                 training: bool, schedule: str, n_microbatches: int, optimizer: str | None, dp: int = 1,
+                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0, precision: str = "fp32"):
+    """Bytes one device needs for a stage (works on numpy arrays too); activations are one micro-batch's.
+
+    Training: parameters, their gradients and optimizer state (replicated: all of them; sharded
+    over ``dp`` ranks: ``1/dp`` of them plus the gathered working set: one block's parameters and
+    gradients when a lone stage reshards after each block, the whole stage's in a pipeline,
+    which keeps them gathered across its micro-batches), the activations of every micro-batch
+    in flight, one micro-batch's largest transient buffer and the tensors crossing its cuts.
+    Inference: parameters plus one micro-batch's transients.
     """
     m = max(n_microbatches, 1)
     if not training:
-        return param_bytes + buffer_bytes + (transient_bytes + crossing_bytes) / m
-    per_param = 2 + _OPT_STATE_PER_PARAM[optimizer]
+        return param_bytes + buffer_bytes + transient_bytes + crossing_bytes
+    state = param_bytes * state_per_param_byte(optimizer, precision)
+    if dp_mode == "shard" and dp > 1:
+        gathered = 2 * param_bytes if n_stages > 1 else 2 * np.minimum(unit_param_bytes or param_bytes, param_bytes)
+        state = state / dp + gathered
     inflight = in_flight(stage, n_stages, schedule=schedule, n_microbatches=m)
-    return param_bytes * per_param + buffer_bytes + inflight * saved_bytes / m + (transient_bytes + 2 * crossing_bytes) / m
+    return state + buffer_bytes + inflight * saved_bytes + transient_bytes + 2 * crossing_bytes
 
 
-def explain_memory(costs: PipelineCosts, n_stages: int, memory_of, limit: float) -> str:
-    """Per-stage memory of the time-optimal split, for the error message when nothing fits."""
-    cuts = solve_cuts(costs, n_stages)
+def explain_memory(costs: PipelineCosts, n_stages: int, memory_of, allowed=None) -> tuple[float, str]:
+    """The largest per-stage memory of the time-optimal split, and every stage's, for when nothing fits."""
+    cuts = solve_cuts(costs, n_stages, allowed=allowed)
     bounds = [0] + cuts + [len(costs.order)]
     need = [float(memory_of(k, np.array([s]), e)[0]) for k, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    return ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(need)) + \
-        f" (limit {format_bytes(limit)})"
+    return max(need), ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(need))
+
+
+def _fixed_s(node, cost, spec, training: bool) -> float:
+    """The part of a node's time that a smaller batch does not shrink: launches and reading its weights."""
+    if not cost.time_s:
+        return 0.0
+    weights = sum(tensor_bytes(fetch_attr(node.graph.owning_module, a.target)) for a in node.all_input_nodes
+                  if a.op == "get_attr" and isinstance(fetch_attr(node.graph.owning_module, a.target), torch.Tensor))
+    launches = 1 + (2 if training and cost.backward_time_s else 0)
+    reads = 1 + (2 if training and cost.backward_time_s else 0)
+    return launches * spec.launch_s + reads * weights / spec.memory_bandwidth_Bps

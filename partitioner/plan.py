@@ -1,37 +1,106 @@
-"""``Plan``: the result of partitioning, which explains, draws, saves and runs itself.
+"""``Plan``: a device mesh ``dp x tp x pp`` and the decisions under it, with the modules that run them.
 
-Reads the stage GraphModules and their costs; writes JSON (``save``) and drawings.
+Reads nothing from graphs itself: ``partitioner.build`` makes the stage and shard GraphModules
+from the ``Decisions`` and a costed graph; ``partitioner.simulate_step`` gives ``PlanCost``.
+Writes JSON (``save``; ``partitioner.load_plan`` applies it to a model) and drawings.
+
+The decisions are plain data (``Decisions.to_dict`` round-trips through JSON): the mesh, the
+cut anchors, the tensor sharding by parameter name, the schedule, micro-batches, data-parallel
+mode, optimizer, memory limit and device. Pipeline-only (``{"dp": 1, "tp": 1, "pp": n}``),
+tensor-only and data-only plans are corner cases of the same ``Plan``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx
 from torch.utils._pytree import tree_unflatten
 
-from passes._util import flatten_inputs, format_bytes, format_count, format_seconds, table
+__all__ = ["Plan", "Stage", "StageShard", "StageCost", "PlanCost", "AxisCost", "Decisions", "PLAN_FORMAT", "AXES",
+           "DP_MODES", "split_batch", "concat_outputs"]
 
-__all__ = ["Plan", "Stage", "StageCost", "PLAN_FORMAT", "split_microbatches", "concat_microbatches"]
+PLAN_FORMAT = "fxpart.plan/2"
+AXES = ("dp", "tp", "pp")
+DP_MODES = ("replicate", "shard")
 
-PLAN_FORMAT = "fxpart.plan/1"
+
+@dataclass(frozen=True)
+class Decisions:
+    """Everything a plan decided, as plain data: what ``load_plan`` re-applies without planning again.
+
+    ``cuts`` holds one anchor per cut (``{"node", "module", "op", "index"}``: the first node of the
+    next stage, and where it sits in the model, so a capture whose node names shift still maps);
+    ``sharding`` the tensor-parallel decisions (parameter name -> ``[dim, blocks]`` and the
+    matmul lists), None when ``tp == 1``.
+    """
+    mesh: dict
+    strategy: str = "pipeline"
+    cuts: tuple = ()
+    sharding: dict | None = None
+    schedule: str = "1f1b"
+    n_microbatches: int = 1
+    data_parallel: str = "replicate"
+    training: bool = True
+    optimizer: str | None = "adamw"
+    memory_limit: int | None = None
+    balance: str = "time"
+    device: Any = None                 # passes.DeviceSpec
+    devices_per_node: int = 8
+    precision: str = "fp32"            # "mixed": half-precision parameters, fp32 gradients, master weights, moments
+
+    def __post_init__(self):
+        if set(self.mesh) != set(AXES) or not all(isinstance(v, int) and v >= 1 for v in self.mesh.values()):
+            raise ValueError(f"mesh must give a positive int for each of {AXES}, got {self.mesh}")
+        if self.data_parallel not in DP_MODES:
+            raise ValueError(f"data_parallel={self.data_parallel!r}: use one of {DP_MODES}")
+        if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be a positive int, got {self.n_microbatches!r}")
+        if len(self.cuts) != self.mesh["pp"] - 1:
+            raise ValueError(f"a mesh with pp={self.mesh['pp']} needs {self.mesh['pp'] - 1} cuts, got {len(self.cuts)}")
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh["dp"] * self.mesh["tp"] * self.mesh["pp"]
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["cuts"] = [dict(c) for c in self.cuts]
+        d["device"] = self.device.to_dict() if self.device is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decisions":
+        from passes.devices import DeviceSpec
+        d = dict(d)
+        d["cuts"] = tuple(dict(c) for c in d.get("cuts", ()))
+        d["device"] = DeviceSpec.from_dict(d["device"]) if d.get("device") else None
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
 
 @dataclass(frozen=True)
 class StageCost:
-    """Costs of one stage on the example batch; ``time_s`` is compute (forward + backward when training)."""
+    """Costs of one stage (or one tensor shard of it) on the example batch.
+
+    ``time_s`` is compute (forward + backward when training) of the whole example batch on one
+    device, tensor-parallel collectives included; ``comm_s`` sending and receiving what crosses
+    its cuts; ``memory_bytes`` what one device holding it needs (parameters, gradients, optimizer
+    state as the data-parallel mode keeps them, in-flight activations).
+    """
     flops: int
     backward_flops: int
     param_bytes: int
     time_s: float
-    comm_s: float             # sending and receiving what crosses its cuts, at the link bandwidth
-    memory_bytes: int         # parameters (+ gradients, optimizer state) + in-flight activations
+    comm_s: float
+    memory_bytes: int
     saved_bytes: int          # activations one micro-batch keeps for backward
     bytes_in: int             # what crosses the cut before the stage, per example batch
     bytes_out: int            # what crosses the cut after it
     n_nodes: int
+    collective_s: float = 0.0  # of time_s: tensor-parallel collectives
 
     def __post_init__(self):
         if self.n_nodes <= 0:
@@ -42,8 +111,19 @@ class StageCost:
 
 
 @dataclass(frozen=True)
+class StageShard:
+    """One tensor-parallel shard of a stage: the GraphModule tp rank ``index`` runs, and its cost."""
+    index: int
+    module: torch.fx.GraphModule
+    cost: StageCost
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One pipeline stage (or tensor shard): a runnable GraphModule and its cost."""
+    """One pipeline stage: the GraphModule computing it whole, its cost, and its tensor shards.
+
+    ``shards`` has one ``StageShard`` per tp rank; with tp = 1 it is ``[stage]`` itself.
+    """
     index: int
     module: torch.fx.GraphModule
     cost: StageCost
@@ -51,6 +131,11 @@ class Stage:
     last_node: str
     inputs: tuple[str, ...]       # names of the values it receives
     outputs: tuple[str, ...]      # names of the values it sends on (the last stage: the model's outputs)
+    tp_shards: tuple = ()
+
+    @property
+    def shards(self) -> list:
+        return list(self.tp_shards) if self.tp_shards else [self]
 
     @property
     def param_names(self) -> list[str]:
@@ -58,96 +143,154 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class AxisCost:
+    """What one mesh axis communicates in a step: bytes per device, seconds, and how much hides under compute."""
+    axis: str
+    what: str
+    bytes_per_step: int
+    time_s: float
+    exposed_s: float
+
+    @property
+    def overlapped(self) -> bool:
+        return self.exposed_s < self.time_s
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """The simulated step of the global batch on the mesh, and memory per device."""
+    step_time_s: float
+    peak_bytes: int                       # the largest per-device peak
+    stage_peak_bytes: tuple[int, ...]     # per pipeline stage (every device of a stage holds the same)
+    compute_s: float                      # the busiest stage's compute per step
+    bubble_fraction: float                # idle share of the busiest stage in the schedule
+    optimizer_s: float
+    axes: tuple[AxisCost, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes"] = [asdict(a) for a in self.axes]
+        return d
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A partition of a model: stages in order, their costs, and how to run them.
+    """A device mesh and the decisions under it, with the modules that run them.
 
-    ``plan(*inputs, **kwargs)`` runs every stage in order in this process and returns
-    what the model returns. When ``runs_microbatches`` is set (``partition(...,
-    n_microbatches=m)``), the stage modules were captured for one micro-batch (shapes in
-    ``microbatch_shapes``): a full batch is then split into ``n_microbatches`` slices on dim 0,
-    run slice by slice, and the outputs concatenated on dim 0 (0-d float outputs, such as a
-    mean loss, are averaged).
-
-    ``state_keys`` maps every key of the model's ``state_dict()`` (tied aliases included,
-    in the model's order) to the name the stage modules hold that tensor under.
+    ``plan(*inputs, **kwargs)`` runs every stage (every tensor shard in lockstep, collectives
+    computed over the shards) in this process and returns what the model returns; it takes
+    any batch size and sequence length the captured graph accepts (``plan.signature``).
+    ``state_keys`` maps every key of the model's ``state_dict()`` (tied aliases included, in
+    the model's order) to the name the stage modules hold that tensor under.
     """
-    strategy: str
+    decisions: Decisions
     stages: list[Stage]
-    device: Any                                  # passes.DeviceSpec
-    training: bool
-    schedule: str
-    n_microbatches: int
-    lower_bound_s: float                         # max(total / n, largest node), compute only
-    cuts: tuple[str, ...]                        # first node of every stage after the first
-    shared_params: dict = field(default_factory=dict)   # parameter name -> stages holding it (tied)
-    in_spec: Any = None
+    cost: PlanCost
+    signature: Any = None                 # passes.signature.InputSignature of the captured graph
     out_spec: Any = None
     model: str = ""
-    fingerprint: str = ""
-    balance: str = "time"
-    runs_microbatches: bool = False              # stage modules take batch / n_microbatches
-    microbatch_shapes: tuple = ()                # flat input shapes the stage modules take (None: not a tensor)
-    state_keys: dict = field(default_factory=dict)   # model state_dict key -> stage attribute name
-    sharding: Any = None                         # tensor plans: partitioner.tensor.TensorSharding
+    lower_bound_s: float = 0.0            # max(total / pp, largest node): no cut can beat it
+    shared_params: dict = field(default_factory=dict)   # tied parameter -> stages holding it
+    state_keys: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)          # model parameter name -> [shape, dtype]: what the plan depends on
+    sharding: Any = None                  # tp > 1: partitioner.tensor.TensorSharding (what was split, why not)
+    candidates: tuple = ()                # strategy="auto": partitioner.search.Candidate per mesh tried
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("a plan needs at least one stage")
+        if len(self.stages) != self.decisions.mesh["pp"]:
+            raise ValueError(f"the mesh has pp={self.decisions.mesh['pp']} but the plan has {len(self.stages)} stages")
+
+    # -- the decisions, read through ------------------------------------------------------------
+    @property
+    def strategy(self) -> str:
+        return self.decisions.strategy
+
+    @property
+    def mesh(self) -> dict:
+        return dict(self.decisions.mesh)
+
+    @property
+    def n_devices(self) -> int:
+        return self.decisions.n_devices
+
+    @property
+    def device(self):
+        return self.decisions.device
+
+    @property
+    def training(self) -> bool:
+        return self.decisions.training
+
+    @property
+    def schedule(self) -> str:
+        return self.decisions.schedule
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.decisions.n_microbatches
+
+    @property
+    def data_parallel(self) -> str:
+        return self.decisions.data_parallel
+
+    @property
+    def optimizer(self) -> str | None:
+        return self.decisions.optimizer
+
+    @property
+    def balance(self) -> str:
+        return self.decisions.balance
+
+    @property
+    def cuts(self) -> tuple[str, ...]:
+        """First node of every stage after the first (node names of the graph the cuts were made in)."""
+        return tuple(c["node"] for c in self.decisions.cuts)
+
+    @property
+    def in_spec(self):
+        return self.signature.in_spec if self.signature is not None else None
 
     # -- running ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        flat = flatten_inputs(self.in_spec, args, kwargs)
-        if self.runs_microbatches and _shapes(flat) != list(self.microbatch_shapes):
-            parts = [self._run_flat(mb) for mb in split_microbatches(flat, self.n_microbatches)]
-            values = concat_microbatches(parts)
-        else:
-            values = self._run_flat(flat)
+        flat = self.signature.flatten(args, kwargs) if self.signature is not None else list(args)
+        values = self.run_flat(flat)
         if self.out_spec is not None:
             return tree_unflatten(list(values), self.out_spec)
         return values
 
-    def _run_flat(self, flat: list):
-        if self.sharding is not None:            # tensor plan: all shards in lockstep, collectives simulated
-            return tuple(self.sharding.simulate([s.module for s in self.stages], flat))
-        values: Any = tuple(flat)
+    def run_flat(self, flat: list) -> tuple:
+        """Every stage in order on flat inputs; returns the flat outputs.
+
+        Tensor shards of a stage run in lockstep, each on its own inputs (a sharded activation
+        crossing a cut differs per shard), collectives computed over them.
+        """
+        from .sharding import simulate_shards
+        per_shard = [list(flat)] * self.mesh["tp"]
         for stage in self.stages:
-            values = stage.module(*values)
-        return values
+            if stage.tp_shards:
+                per_shard = simulate_shards([s.module for s in stage.tp_shards], per_shard)
+            else:
+                per_shard = [stage.module(*per_shard[0])]
+            per_shard = [list(v) if isinstance(v, (tuple, list)) else [v] for v in per_shard]
+        return tuple(per_shard[0])
 
     # -- explaining ----------------------------------------------------------------------------
     @property
     def bottleneck_s(self) -> float:
-        """Time of the slowest stage, compute plus communication."""
+        """Time of the slowest stage on the example batch, compute plus communication."""
         return max(s.cost.time_s + s.cost.comm_s for s in self.stages)
 
     @property
     def balance_ratio(self) -> float:
-        """Slowest stage's compute over the lower bound ``max(total / n, largest node)`` (1.0 is optimal)."""
+        """Slowest stage's compute over the lower bound ``max(total / pp, largest node)`` (1.0 is optimal)."""
         return max(s.cost.time_s for s in self.stages) / self.lower_bound_s if self.lower_bound_s else 1.0
 
     def report(self) -> str:
-        """A table with one row per stage, and the balance against the lower bound."""
-        if self.sharding is not None:
-            from .tensor import tensor_report
-            return tensor_report(self)
-        rows = []
-        for s in self.stages:
-            c = s.cost
-            rows.append((s.index, c.n_nodes, f"{s.first_node} .. {s.last_node}", format_bytes(c.param_bytes),
-                         format_count(c.flops), format_count(c.backward_flops), format_seconds(c.time_s),
-                         format_seconds(c.comm_s), format_bytes(c.memory_bytes), format_bytes(c.bytes_in)))
-        head = (f"{self.strategy} plan of {self.model or 'model'}: {len(self.stages)} stages on "
-                f"{getattr(self.device, 'name', self.device)}, "
-                f"{'training' if self.training else 'inference'}, schedule {self.schedule}, "
-                f"{self.n_microbatches} micro-batches; balanced by {self.balance}")
-        body = table(["stage", "nodes", "span", "params", "FLOPs", "bwd FLOPs", "time", "comm", "memory",
-                      "bytes in"], rows, align="rrlrrrrrrr")
-        tail = [f"slowest stage {format_seconds(self.bottleneck_s)} (compute + comm); compute / lower bound "
-                f"{self.balance_ratio:.3f} (lower bound {format_seconds(self.lower_bound_s)})"]
-        if self.shared_params:
-            tail.append("shared (tied) parameters, kept in sync by the runtime: "
-                        + ", ".join(f"{k} on stages {v}" for k, v in self.shared_params.items()))
-        return "\n".join([head, "", body, ""] + tail)
+        """Tables per stage (and per shard), the mesh's axes with what each communicates, and the choice."""
+        from .report import plan_report
+        return plan_report(self)
 
     def __str__(self) -> str:
         return self.report()
@@ -170,16 +313,13 @@ class Plan:
     # -- saving ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": PLAN_FORMAT, "strategy": self.strategy, "model": self.model,
-            "fingerprint": self.fingerprint, "training": self.training, "schedule": self.schedule,
-            "n_microbatches": self.n_microbatches, "balance": self.balance, "cuts": list(self.cuts),
-            "lower_bound_s": self.lower_bound_s, "device": self.device.to_dict(),
-            "shared_params": self.shared_params, "runs_microbatches": self.runs_microbatches,
-            "microbatch_shapes": [list(s) if s is not None else None for s in self.microbatch_shapes],
-            "state_keys": self.state_keys,
+            "format": PLAN_FORMAT, "model": self.model, "decisions": self.decisions.to_dict(),
+            "params": self.params, "state_keys": self.state_keys, "shared_params": self.shared_params,
+            "signature": self.signature.to_dict() if self.signature is not None else None,
+            "cost": self.cost.to_dict(), "lower_bound_s": self.lower_bound_s,
             "stages": [{"index": s.index, "first_node": s.first_node, "last_node": s.last_node,
-                        "params": s.param_names, "cost": s.cost.to_dict()} for s in self.stages],
-            **({"sharding": self.sharding.decisions()} if self.sharding is not None else {}),
+                        "params": s.param_names, "cost": s.cost.to_dict(),
+                        "shards": [sh.cost.to_dict() for sh in s.tp_shards]} for s in self.stages],
         }
 
     def save(self, path: str) -> str:
@@ -188,27 +328,26 @@ class Plan:
             json.dump(self.to_dict(), f, indent=1)
         return path
 
+    def with_candidates(self, candidates) -> "Plan":
+        return replace(self, candidates=tuple(candidates))
 
-def _shapes(flat: list) -> list:
-    return [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
 
-
-def split_microbatches(flat: list, n_microbatches: int) -> list[list]:
-    """``n_microbatches`` lists of flat inputs: every tensor with a dim 0 sliced evenly, other values repeated.
+def split_batch(flat: list, n: int, *, what: str = "inputs") -> list[list]:
+    """``n`` lists of flat inputs: every tensor with a dim 0 sliced evenly, other values repeated.
 
     Raises:
-        ValueError: a tensor's dim 0 does not divide by ``n_microbatches``.
+        ValueError: a tensor's dim 0 does not divide by ``n``.
     """
     for v in flat:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] % n_microbatches:
-            raise ValueError(f"dim 0 of an input of shape {tuple(v.shape)} does not split into "
-                             f"n_microbatches={n_microbatches} equal micro-batches; pass a batch that divides")
-    chunks = [v.chunk(n_microbatches) if isinstance(v, torch.Tensor) and v.dim() > 0 else None for v in flat]
-    return [[c[i] if c is not None else v for c, v in zip(chunks, flat)] for i in range(n_microbatches)]
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] % n:
+            raise ValueError(f"{what}: dim 0 of a tensor of shape {tuple(v.shape)} does not split into {n} equal "
+                             f"parts (data-parallel replicas x micro-batches); pass a batch that divides")
+    chunks = [v.chunk(n) if isinstance(v, torch.Tensor) and v.dim() > 0 else None for v in flat]
+    return [[c[i] if c is not None else v for c, v in zip(chunks, flat)] for i in range(n)]
 
 
-def concat_microbatches(parts: list) -> list:
-    """Per-micro-batch flat outputs joined into one: tensors concatenated on dim 0, 0-d floats averaged."""
+def concat_outputs(parts: list) -> list:
+    """Per-part flat outputs joined into one: tensors concatenated on dim 0, 0-d floats averaged."""
     parts = [list(p) if isinstance(p, (tuple, list)) else [p] for p in parts]
     joined = []
     for values in zip(*parts):

@@ -128,12 +128,14 @@ class Timeline:
                                                                self.peak_in_flight)))
 
 
-def simulate(schedule: list[list[Action]], forward_s: float = 1.0, backward_s: float = 2.0) -> Timeline:
+def simulate(schedule: list[list[Action]], forward_s: float = 1.0, backward_s: float = 2.0, *,
+             send_s: float = 0.0) -> Timeline:
     """Lay out ``schedule`` in time: each stage runs its actions in order, each as soon as it may.
 
     ``F m`` on stage s waits for ``F m`` on s-1; ``B m`` on s waits for ``B m`` on s+1 and ``F m``
-    on s. Communication takes no time. ``forward_s`` / ``backward_s``: a number for every
-    stage, or one per stage.
+    on s. ``forward_s`` / ``backward_s``: a number for every stage, or one per stage.
+    ``send_s`` (a number, or one per stage): how long what a stage sends takes to reach its
+    neighbour (its activations forward, its input gradients backward); 0 by default.
 
     Raises:
         ValueError: the schedule deadlocks (an action waits for one that never runs first).
@@ -141,6 +143,7 @@ def simulate(schedule: list[list[Action]], forward_s: float = 1.0, backward_s: f
     n = len(schedule)
     fwd = _per_stage(forward_s, n, "forward_s")
     bwd = _per_stage(backward_s, n, "backward_s")
+    send = _per_stage(send_s, n, "send_s")
     done: dict[tuple, float] = {}
     spans: list[list[Span]] = [[] for _ in range(n)]
     cursor, clock = [0] * n, [0.0] * n
@@ -153,7 +156,7 @@ def simulate(schedule: list[list[Action]], forward_s: float = 1.0, backward_s: f
                 deps = _dependencies(a, n)
                 if any(d not in done for d in deps):
                     break
-                start = max([clock[s]] + [done[d] for d in deps])
+                start = max([clock[s]] + [done[d] + (send[d[0]] if d[0] != s else 0.0) for d in deps])
                 end = start + (fwd[s] if a.kind == "F" else bwd[s])
                 done[(s, a.kind, a.microbatch)] = end
                 spans[s].append(Span(a, start, end))

@@ -6,22 +6,113 @@ or ``node.meta["tensor_meta"]`` (shape propagation); writes nothing.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["node_value", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
+from ._keys import EXAMPLE_VAL
+
+__all__ = ["node_value", "hint", "is_symbolic", "module_path", "module_paths", "block_path", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
            "format_seconds", "table"]
 
 
 def node_value(node: torch.fx.Node) -> Any:
-    """The fake value a node produces, from whichever dialect captured it (None if unknown)."""
+    """The value a node produces on the example batch, from whichever dialect captured it (None if unknown).
+
+    A graph captured with symbolic batch or sequence sizes carries symbolic fakes; this returns
+    them at the example's sizes (meta tensors with the sizes and strides the example had, plain
+    ints for SymInts), so every cost and shape reads the example. The graph's own ``val`` is not
+    changed; the example value is cached under ``fxpart.example_val``, where a rewrite that
+    changes a value's size (a tensor-parallel shard) records the new one.
+    """
+    cached = node.meta.get(EXAMPLE_VAL)
+    if cached is not None:
+        return cached
+    val = _raw_value(node)
+    if val is None or not is_symbolic(val):
+        return val
+    cached = node.meta[EXAMPLE_VAL] = _at_example(val)
+    return cached
+
+
+def _raw_value(node: torch.fx.Node) -> Any:
     for key in ("val", "example_value"):
         if key in node.meta:
             return node.meta[key]
     return node.meta.get("tensor_meta")
+
+
+def hint(x: Any) -> Any:
+    """A SymInt/SymFloat/SymBool at its example value (the value it had when captured); others unchanged."""
+    for kind, cast in ((torch.SymInt, int), (torch.SymFloat, float), (torch.SymBool, bool)):
+        if isinstance(x, kind):
+            value = x.node.hint
+            if value is None:
+                value = x.node.shape_env.size_hint(x.node.expr)
+            return cast(value)
+    return x
+
+
+def is_symbolic(value: Any) -> bool:
+    """Whether a value (or any tensor size or stride inside it) is symbolic."""
+    for v in tree_flatten(value)[0]:
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in (*v.shape, *_strides(v))):
+            return True
+    return False
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    try:
+        return tuple(t.stride())
+    except RuntimeError:          # sparse and other layouts without strides
+        return ()
+
+
+def _at_example(value: Any) -> Any:
+    def concrete(v):
+        if isinstance(v, torch.Tensor) and is_symbolic(v):
+            sizes = [hint(d) for d in v.shape]
+            strides = [hint(d) for d in _strides(v)] or None
+            if strides is None:
+                return torch.empty(sizes, dtype=v.dtype, device="meta")
+            return torch.empty_strided(sizes, strides, dtype=v.dtype, device="meta")
+        return hint(v)
+    return tree_map(concrete, value)
+
+
+def module_paths(node: torch.fx.Node) -> list[str]:
+    """Every module enclosing the code that made ``node``, outermost first, as dotted paths, any dialect
+    (export: ``blocks.0.fc``; Dynamo: ``L['self'].blocks[0].fc``); none for code outside submodules."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        if str(key).startswith("_empty_nn_module_stack") or path.startswith("_empty_nn_module_stack"):
+            continue
+        path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+        path = re.sub(r"\[(\d+)\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+        path = path.replace("_modules.", "").strip(".")
+        if path:
+            out.append(path)
+    return out
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost module of the code that made ``node`` (``transformer.h.0.attn``); "" outside any."""
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
+
+
+def block_path(node: torch.fx.Node) -> str | None:
+    """The block holding ``node``: its module path up to the first index (``transformer.h.3`` of a
+    ``ModuleList``/``Sequential``); None outside such blocks."""
+    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", module_path(node))
+    return match.group(1) if match else None
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:
@@ -30,8 +121,8 @@ def tensors_of(value: Any) -> list[torch.Tensor]:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the elements a tensor addresses (not of its whole storage)."""
-    return t.numel() * t.element_size()
+    """Bytes of the elements a tensor addresses (not of its whole storage), at the example's sizes."""
+    return hint(t.numel()) * t.element_size()
 
 
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:

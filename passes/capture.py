@@ -16,10 +16,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._keys import CAPTURE
+from ._keys import CAPTURE, SIGNATURE
 from ._util import node_value
+from .signature import InputSignature
 
-__all__ = ["capture", "CaptureError", "is_captured"]
+__all__ = ["capture", "CaptureError", "is_captured", "signature_of"]
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,28 @@ class CaptureError(RuntimeError):
     """No capture method could turn the model into an ATen graph."""
 
 
-def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None) -> torch.fx.GraphModule:
+def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
+            dynamic: bool = True) -> torch.fx.GraphModule:
     """Capture ``model`` as an ATen-level GraphModule with fake values on every node.
 
     Tries ``torch.export`` non-strict first (it traces Hugging Face models, which
-    ``torch.fx.symbolic_trace`` cannot), then strict (Dynamo). A graph that is
+    ``torch.fx.symbolic_trace`` cannot), then strict (Dynamo). With ``dynamic`` (the
+    default) every dimension of every tensor input is offered to export as dynamic
+    (``Dim.AUTO``): the dimensions the model's code does not fix (batch, sequence length,
+    image size under adaptive pooling) stay symbolic, so the graph runs other batch sizes
+    and lengths; the others are specialised to the example. If that capture fails, the
+    graph is captured with static shapes and its signature says why. A graph that is
     already ATen-level with ``val`` meta is returned as is.
+
+    Costs read the example's sizes either way (``passes._util.node_value``).
+    ``gm.meta["fxpart.signature"]`` (an ``InputSignature``) says, input by input and
+    dimension by dimension, what the graph accepts.
 
     Args:
         model: the ``nn.Module`` to capture. Its parameters may live on the meta device.
         example_inputs: positional inputs (a tuple; a single tensor is accepted too).
         example_kwargs: keyword inputs.
+        dynamic: keep the dimensions the model allows symbolic (False: every size as in the example).
 
     Returns:
         A ``GraphModule`` that, called like ``model``, returns what ``model`` returns
@@ -65,18 +77,66 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     args, kwargs = _inputs_on_model_device(model, args, kwargs)
 
     errors = []
-    for method in ("export-nonstrict", "export-strict"):
+    attempts = [("export-nonstrict", True)] if dynamic else []
+    attempts += [("export-nonstrict", False), ("export-strict", False)]
+    for method, symbolic in attempts:
+        shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
         try:
             with _no_kv_cache(model):
-                ep = torch.export.export(model, args, kwargs, strict=(method == "export-strict"))
+                ep = torch.export.export(model, args, kwargs, strict=(method == "export-strict"),
+                                         dynamic_shapes=shapes)
         except Exception as exc:  # noqa: BLE001 - every failure is reported below
-            log.debug("capture with %s failed", method, exc_info=True)
-            errors.append((method, exc))
+            log.debug("capture with %s (dynamic=%s) failed", method, symbolic, exc_info=True)
+            errors.append((method + (" with dynamic shapes" if symbolic else ""), exc))
             continue
         gm = ep.module()
-        gm.meta[CAPTURE] = {"model": type(model).__name__, "method": method}
+        gm.meta[CAPTURE] = {"model": type(model).__name__, "method": method, "dynamic": symbolic}
+        reason = "" if symbolic else ("captured with dynamic=False" if not dynamic else
+                                      f"export with dynamic shapes failed: {_first_line(errors[0][1])}")
+        gm.meta[SIGNATURE] = InputSignature.of(gm, model=model, ranges=ep.range_constraints, static_reason=reason)
+        if errors:
+            log.info("captured %s with static shapes (%s)", type(model).__name__, reason)
         return gm
     raise CaptureError(_explain_failure(model, errors)) from errors[0][1]
+
+
+def signature_of(gm: torch.fx.GraphModule) -> InputSignature:
+    """The ``InputSignature`` of a captured graph (recorded by ``capture``, else read off its placeholders)."""
+    sig = gm.meta.get(SIGNATURE)
+    if sig is None:
+        sig = gm.meta[SIGNATURE] = InputSignature.of(gm)
+    return sig
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """``Dim.AUTO`` on every dim of every tensor input, by the forward's parameter names."""
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(torch.export.Dim.AUTO for _ in range(value.dim())) if value.dim() else None
+        return None
+
+    def tree(value):
+        return torch.utils._pytree.tree_map(spec, value)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (tree(tuple(args)), tree(dict(kwargs))) if not kwargs else None
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(tree(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: tree(v) for k, v in value.items()}
+        else:
+            out[name] = tree(value)
+    return out
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def is_captured(gm: Any) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from ._keys import COST
-from ._util import format_bytes, format_count, format_seconds, node_value, tensor_bytes, tensors_of
+from ._util import format_bytes, format_count, format_seconds, module_path, node_value, tensor_bytes, tensors_of
 
 __all__ = ["draw_graph", "graph_dot", "Drawing", "module_path", "module_group", "render", "write_dot", "value_bytes"]
 
@@ -34,20 +34,9 @@ FONT = "Helvetica"
 _HOT = (0xF4, 0xA2, 0x61)    # fill of the node that takes the most time; cooler nodes fade to white
 
 
-def module_path(node: torch.fx.Node) -> list[str]:
-    """The module path of the code that made ``node`` ("blocks.0.fc" -> ["blocks", "0", "fc"]), any dialect."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return []
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)              # Dynamo: "L['self'].blocks[0].fc"
-    path = re.sub(r"\[(\d+)\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
-    return [p for p in path.replace("_modules.", "").split(".") if p]
-
-
 def module_group(node: torch.fx.Node, depth: int | None) -> str:
     """The module path cut to ``depth`` components ("(top)" for code outside any submodule)."""
-    path = module_path(node)
+    path = [p for p in module_path(node).split(".") if p]
     return ".".join(path if depth is None else path[:depth]) or "(top)"
 
 
@@ -164,7 +153,7 @@ def _items(gm: torch.fx.GraphModule, depth: int | None) -> tuple[dict[str, _Item
     for node in gm.graph.nodes:
         if node.op == "get_attr" or _is_state_input(node) or node.target == "_guards_fn":
             continue
-        path = module_path(node) if node.op not in ("placeholder", "output") else []
+        path = [p for p in module_path(node).split(".") if p] if node.op not in ("placeholder", "output") else []
         if depth is not None and len(path) >= depth and (path or node.op not in ("placeholder", "output")):
             prefix = ".".join(path[:depth]) or "(model)"
             key = "m_" + re.sub(r"\W", "_", prefix)

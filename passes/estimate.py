@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 
 from ._keys import COST, ESTIMATE
-from ._util import format_bytes, format_count, format_seconds, node_value, table, tensors_of
+from ._util import format_bytes, format_count, format_seconds, module_path, node_value, table, tensors_of
 from .capture import capture, normalize_inputs
 from .devices import DeviceSpec, get_device_spec
 from .simulate import OPTIMIZERS, simulate, simulate_module
@@ -153,7 +153,7 @@ def estimate(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: d
         raise ValueError(f"optimizer={optimizer!r} only applies to a training step; pass training=True")
     spec = get_device_spec(device)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    gm = capture(model_or_gm, args, kwargs)
+    gm = capture(model_or_gm, args, kwargs, dynamic=False)    # costs are of the example's shapes
     trace = simulate(gm, args, kwargs, training=training, optimizer=optimizer, loss_fn=loss_fn,
                      foreach=spec.foreach_optimizer)
     rows = annotate_costs(gm, trace, spec, training=training, node_times=node_times)
@@ -246,10 +246,7 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.removeprefix("L['self'].").replace("L['self']", "")
-    if node.op == "get_attr":
+    path = module_path(node)
+    if not path and node.op == "get_attr":
         return node.target.rpartition(".")[0]
-    return ""
+    return path

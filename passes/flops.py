@@ -8,7 +8,10 @@ what it lacks:
   and its backward: ``FlopCounterMode`` counts 0 for attention on CPU in torch 2.13),
 * pre-decomposition ops seen in export graphs (``aten.linear``, ``aten.matmul``,
   ``aten.scaled_dot_product_attention``), which dispatch never reaches but a static
-  reading of a graph does.
+  reading of a graph does,
+* custom ops that carry matmuls, keyed by their name (no import of their library):
+  Hugging Face's MoE experts on CPU, ``transformers::grouped_mm_fallback`` (each row of the
+  input times its expert's matrix) and its backward.
 
 A multiply-add is 2 FLOPs; only matmul, convolution and attention families count,
 as ``FlopCounterMode`` does. Every other op is 0 FLOPs by that convention.
@@ -29,7 +32,8 @@ _RULES: dict[Any, Callable[..., int]] = {}
 
 
 def flop_rule(*targets):
-    """Register ``fn(*arg_shapes, out_shape=...) -> int`` for the given op packets or overloads."""
+    """Register ``fn(*arg_shapes, out_shape=...) -> int`` for the given op packets or overloads, or custom
+    ops by name (``"namespace::op"``: the op's library need not be imported)."""
     def register(fn):
         for target in targets:
             _RULES[target] = fn
@@ -45,6 +49,8 @@ def _lookup(func):
     """Our rule (takes shapes) or the registry's (takes tensors), or None."""
     packet = getattr(func, "overloadpacket", func)
     ours = _RULES.get(func) or _RULES.get(packet)
+    if ours is None and isinstance(func, torch._ops.OpOverload):
+        ours = _RULES.get(func.name())
     if ours is not None:
         return lambda args, kwargs, out: ours(*tree_map(_shape, args), out_shape=_shape(out),
                                               **tree_map(_shape, kwargs))
@@ -96,3 +102,17 @@ def _matmul(a, b, *, out_shape=None) -> int:
     for d in out_shape:
         n_out *= d
     return 2 * n_out * a[-1]
+
+
+# -- custom ops that carry matmuls ----------------------------------------------------------------
+
+@flop_rule("transformers::grouped_mm_fallback")
+def _grouped_mm(x, weight, offs, *, out_shape=None) -> int:
+    # x [S, in]: each row times its expert's weight[e] [in, out] (rows grouped by ``offs``): S (in x out) MACs
+    return _fc.mm_flop((x[0], x[1]), (weight[1], weight[2]))
+
+
+@flop_rule("transformers::grouped_mm_fallback_backward")
+def _grouped_mm_backward(x, weight, offs, grad_out, *, out_shape=None) -> int:
+    # grad_input = grad_out @ weight[e].T and grad_weight[e] = x.T @ grad_out: two matmuls of the forward's size
+    return 2 * _fc.mm_flop((x[0], x[1]), (weight[1], weight[2]))

@@ -5,15 +5,22 @@ optimizer step) on a copy of the model; writes nothing on the model. Every stora
 step allocates is followed from allocation to release by the same dispatch-mode tracker
 ``simulate`` runs on fake tensors (``torch.distributed._tools.mem_tracker.MemTracker``
 hooks every parameter and fails on frozen ones), so a measured figure and an estimated
-one count the same things. On CUDA the step's peak is the caching allocator's
-(``torch.cuda.max_memory_allocated``), less what the device held before that this step
-does not use.
+one count the same things. The step's peak is the allocator's, which also sees buffers
+kernels allocate and free inside themselves (a matmul's contiguous copy of a strided
+input): on CUDA the caching allocator's (``torch.cuda.max_memory_allocated``), on the CPU
+the CPU allocator's events recorded by ``torch.profiler`` (``profile_memory=True``), in
+both cases less what the device held before that this step does not use. Where neither is
+available (the profiler already running) it is the tracked storages' peak.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +53,7 @@ class MemoryReport:
     device: str
     optimizer: str | None = None
     loss: float = float("nan")
+    peak_source: str = "tracked"        # "allocator": CUDA's or the CPU allocator's (profiler); "tracked": storages
 
     def grouped(self, depth: int | None = None) -> dict[str, dict[str, int]]:
         """``by_module`` summed over paths cut to ``depth`` components (as ``Estimate.by_module``)."""
@@ -154,6 +162,7 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS} or None")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    _check_not_meta(model, args, kwargs)
     model = copy.deepcopy(model) if copy_model else model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -163,22 +172,80 @@ def measure_step(model: nn.Module, example_inputs: Any = (), example_kwargs: dic
     tracker = _Tracker({})
     resident = tracker.track_resident(list(model.parameters()), list(model.buffers()), tree_flatten((args, kwargs))[0],
                                       opt)
-    cuda = device.type == "cuda"
-    if cuda:
+    step = partial(_step, model, args, kwargs, tracker, opt, loss_fn, params)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         untracked = torch.cuda.memory_allocated(device) - tracker.live_total
         torch.cuda.reset_peak_memory_stats(device)
-    loss = _step(model, args, kwargs, tracker, opt, loss_fn, params)
-    peak = tracker.peak
-    if cuda:
+        loss = step()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - untracked
+        peak, source = torch.cuda.max_memory_allocated(device) - untracked, "allocator"
+    elif device.type == "cpu" and _can_profile():
+        loss, allocated = _cpu_allocator_peak(step)
+        peak, source = sum(resident.values()) + allocated, "allocator"
+    else:
+        loss = step()
+        peak, source = tracker.peak, "tracked"
     by_module = {k: {"output_bytes": v.output_bytes, "saved_bytes": v.saved_bytes}
                  for k, v in tracker.nodes.items() if v.output_bytes or v.saved_bytes}
     return MemoryReport(peak_bytes=peak, tracked_peak_bytes=tracker.peak, peak_phase=tracker.peak_at[0],
                         peak_module=tracker.peak_at[1] or "(top)", peak_breakdown=dict(tracker.peak_breakdown),
                         resident=resident, by_module=by_module, device=str(device), optimizer=optimizer,
-                        loss=loss)
+                        loss=loss, peak_source=source)
+
+
+def _check_not_meta(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    tensors = list(model.parameters()) + list(model.buffers()) + tree_flatten((args, kwargs))[0]
+    on_meta = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_meta]
+    if on_meta:
+        name = type(model).__name__
+        raise ValueError(
+            f"measure_step: {name} has {len(on_meta)} tensors (parameters, buffers or inputs) on the meta device, "
+            f"which hold no data, so there is no real step to measure. Measure the model with real weights and "
+            f"inputs (build it outside torch.device('meta'), or model.to_empty(device='cpu') then load a state "
+            f"dict), or estimate the meta model's step with passes.estimate(model, example_inputs, training=True)")
+
+
+def _can_profile() -> bool:
+    """The profiler can record the CPU allocator's events here (it is not already running)."""
+    return torch.profiler.kineto_available() and not torch.autograd.profiler._is_profiler_enabled
+
+
+def _cpu_allocator_peak(step: Callable[[], Any]) -> tuple[Any, int]:
+    """``step()`` under the profiler: its result and the peak of bytes the CPU allocator handed out
+    during it above what was allocated before. This counts what no dispatched op shows: buffers
+    kernels allocate and free inside themselves (a matmul's copy of a strided input, attention
+    scratch)."""
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():   # kineto writes a line to the process's stderr as it starts and stops
+        prof.start()
+    try:
+        result = step()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null (what C++ libraries print bypasses ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _step(model, args, kwargs, tracker: _Tracker, opt, loss_fn, params) -> float:

@@ -1,45 +1,41 @@
 """``recompute``: fit a training step under a peak-memory budget by recomputing activations.
 
 Reads a model (captured with ``capture``) and example inputs; returns a new
-``GraphModule`` that shares the model's parameters and whose contiguous regions of
-the ATen graph (one per block: a run of nodes under one ``ModuleList``/``Sequential``
-child, from ``nn_module_stack``) are fused into submodules and run under
-``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, with a selective
-checkpoint policy (``create_selective_checkpoint_contexts``) that keeps the outputs of
-the chosen matmul/attention nodes (``MUST_SAVE``) and recomputes the rest
-(``PREFER_RECOMPUTE``). The original graph is not modified; the plan is in
-``module.meta["fxpart.recompute"]`` (a ``RecomputePlan``).
+``GraphModule`` that shares the model's parameters and whose regions (one per block) are
+fused into submodules run under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
+with a selective policy keeping the outputs of chosen matmul/attention nodes
+(``passes._recompute_regions``: regions, levels, what a checkpoint keeps and why). The
+original graph is not modified; the plan is in ``module.meta["fxpart.recompute"]`` (a
+``RecomputePlan``).
 
-The budget is on the peak of one training step as ``passes.simulate`` measures it:
-parameters, buffers, inputs, activations, gradients and transient buffers of the
-forward, the loss and the backward. The optimizer's state and step are outside it
-(simulate with ``optimizer=`` to add them).
+The budget is on the peak of one training step as ``passes.simulate`` measures it, which
+is what the allocator sees: parameters, buffers, inputs, activations, gradients, transient
+buffers of the forward, the loss and the backward, and the copies kernels make inside
+themselves. The optimizer's state and step are outside it (simulate with ``optimizer=`` to
+add them).
 
-The search: every region has levels of increasing recomputation: 0 = no checkpoint,
-1 = checkpoint saving every matmul/attention output (recomputes only 0-FLOP ops:
-norms, pointwise, views), then one more matmul/attention output recomputed per level,
-most bytes per FLOP first, down to a plain checkpoint (everything recomputed). A greedy
-walk raises the level with the most predicted bytes freed per extra FLOP (0-FLOP moves
-first), checks each candidate that is predicted to fit with the fake-tensor simulator
-(exact peak, backward recomputation included), then drops moves the budget does not
-need, most FLOPs first.
+The search walks one path of candidates, from no recomputation to every region at its
+last level: each step raises one region to the level with the most predicted bytes freed
+per extra FLOP, looking ahead over its higher levels (0-FLOP steps first). The path depends
+on the model, not on the budget. Along it, a candidate is simulated with fake tensors
+(exact peak, backward recomputation included) when its predicted peak, corrected by the
+last simulated error, fits; if no simulated one fits, every candidate on the path is
+simulated. So a budget fails only below the smallest peak on the path, which the error
+names, and every budget at or above it is met. Then level steps the budget does not need
+are undone, most FLOPs first, and the fitting candidate with the fewest simulated FLOPs is
+returned.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import re
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ._keys import CAPTURE
+from ._recompute_regions import Region, build, find_regions, rng_state_bytes
 from ._util import format_bytes, format_count
 from .capture import capture, normalize_inputs
 from .simulate import StepTrace, simulate
@@ -49,16 +45,16 @@ __all__ = ["recompute", "RecomputePlan"]
 log = logging.getLogger(__name__)
 
 PLAN = "fxpart.recompute"
-_MAX_SIMULATIONS = 40
+_MAX_PRUNE_TRIALS = 24    # simulations spent undoing unneeded steps once a candidate fits
 
 
 @dataclass(frozen=True)
 class RecomputePlan:
-    """What ``recompute`` chose: per region, the level and the node outputs it keeps."""
+    """What ``recompute`` chose: per region, the level and the nodes whose outputs it keeps."""
     regions: tuple[str, ...]                 # region names ("blocks.0", ...), in graph order
-    levels: tuple[int, ...]                  # 0: no checkpoint, 1: save all matmuls, ..., n_levels - 1: save nothing
-    saved_nodes: tuple[tuple[str, ...] | None, ...]   # per region: node outputs kept (None: no checkpoint)
-    peak_bytes: int                          # simulated peak of the step
+    levels: tuple[int, ...]                  # 0: no checkpoint, 1: keep all matmuls, ..., last: keep nothing
+    saved_nodes: tuple[tuple[str, ...] | None, ...]   # per region: nodes kept (None: no checkpoint)
+    peak_bytes: int                          # simulated peak of the step (and generator states checkpoints keep)
     baseline_peak_bytes: int                 # simulated peak without recomputation
     extra_flops: int                         # recomputed FLOPs (forward ops rerun in the backward)
     baseline_flops: int                      # forward + backward FLOPs without recomputation
@@ -81,216 +77,104 @@ class RecomputePlan:
         return asdict(self)
 
 
-# -- regions and their levels -------------------------------------------------------------
-
-@dataclass
-class _Region:
-    name: str
-    nodes: list[torch.fx.Node]
-    order: list[str]          # flop nodes, the first recomputed first
-    gains: list[int]          # predicted bytes freed by each level step (len = n_levels - 1)
-    costs: list[int]          # extra FLOPs of each level step
-
-    def saved(self, level: int) -> tuple[str, ...] | None:
-        return None if level == 0 else tuple(self.order[level - 1:])
-
-
-def _region_key(node: torch.fx.Node) -> str | None:
-    """The path of the first indexed module (a ``ModuleList``/``Sequential`` child) holding ``node``."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    path = path.removeprefix("L['self'].").replace("L['self']", "")
-    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", path)
-    return match.group(1) if match else None
-
-
-def _find_regions(gm: torch.fx.GraphModule, trace: StepTrace) -> list[_Region]:
-    """Maximal runs of compute nodes under one indexed module, with their level table."""
-    runs: list[tuple[str, list[torch.fx.Node]]] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        key = _region_key(node)
-        if runs and runs[-1][0] == key:
-            runs[-1][1].append(node)
-        else:
-            runs.append((key, [node]))
-    regions, seen = [], set()
-    for key, nodes in runs:
-        if key is None or key in seen:    # a module entered twice is left as is
-            continue
-        seen.add(key)
-        regions.append(_level_table(key, nodes, trace))
-    return [r for r in regions if r.order or sum(r.gains)]
-
-
-def _level_table(name: str, nodes: list[torch.fx.Node], trace: StepTrace) -> _Region:
-    """Levels of one region, with predicted bytes freed and FLOPs added by each step."""
-    costs = {n.name: trace.nodes[n.name] for n in nodes}
-    needed = _needed_in_backward(nodes, costs)
-    flop_nodes = [n.name for n in nodes
-                  if costs[n.name].flops > 0 and costs[n.name].output_bytes > 0 and n.name in needed]
-    # most bytes freed per recomputed FLOP first
-    order = sorted(flop_nodes, key=lambda n: -costs[n].output_bytes / costs[n].flops)
-    saved = sum(c.saved_bytes for c in costs.values())
-    kept = sum(costs[n].output_bytes for n in flop_nodes)
-    gains = [max(saved - kept, 0)] + [costs[n].output_bytes for n in order]
-    return _Region(name, nodes, order, gains, [0] + [costs[n].flops for n in order])
-
-
-def _needed_in_backward(nodes: list[torch.fx.Node], costs: dict) -> set[str]:
-    """Nodes the checkpoint's recomputation must rerun: those with a saved tensor at or after them
-    in the region. The rest (e.g. the last matmul before a residual add) are never rerun, since
-    non-reentrant checkpoint stops once every saved tensor is back, so keeping them buys nothing."""
-    needed: set[str] = set()
-    inside = {n.name for n in nodes}
-    for node in reversed(nodes):
-        # a region output is kept by its consumers outside, not recomputed
-        saved_inside = costs[node.name].saved_bytes > 0 and all(u.name in inside for u in node.users)
-        if saved_inside or any(u.name in needed for u in node.users if u.name in inside):
-            needed.add(node.name)
-    return needed
-
-
-# -- building a candidate -----------------------------------------------------------------
-
-class _Checkpointed(nn.Module):
-    """Runs a fused region under non-reentrant checkpoint, keeping the outputs of ``saved`` nodes."""
-
-    def __init__(self, region: torch.fx.GraphModule, saved: tuple[str, ...]):
-        super().__init__()
-        self.region = region
-        self.saved = frozenset(saved)
-
-    def forward(self, *args):
-        if not self.saved:
-            return checkpoint(self.region, *args, use_reentrant=False)
-        current = [None]   # the region node now running: the policy decides per node
-        context_fn = partial(create_selective_checkpoint_contexts, partial(_policy, self.saved, current))
-        return checkpoint(_run_naming_nodes, self.region, current, *args, use_reentrant=False,
-                          context_fn=context_fn)
-
-
-def _policy(saved: frozenset, current: list, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # views cost nothing to redo and alias what they view
-    if current[0] in saved and not op.is_view:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-class _NamingInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, current: list):
-        super().__init__(gm, garbage_collect_values=True)
-        self.current = current
-
-    def run_node(self, node: torch.fx.Node) -> Any:
-        self.current[0] = node.name
-        return super().run_node(node)
-
-
-def _run_naming_nodes(region: torch.fx.GraphModule, current: list, *args):
-    return _NamingInterpreter(region, current).run(*args)
-
-
-def _build(gm: torch.fx.GraphModule, regions: list[_Region], levels: list[int]) -> torch.fx.GraphModule:
-    """A copy of ``gm`` (sharing its parameters) with each region above level 0 checkpointed."""
-    graph = copy.deepcopy(gm.graph)
-    new = torch.fx.GraphModule(gm, graph)
-    new.meta.update({k: v for k, v in gm.meta.items() if k == CAPTURE})
-    by_name = {n.name: n for n in graph.nodes}
-    chosen = [(r, lv) for r, lv in zip(regions, levels) if lv > 0]
-    if not chosen:
-        return new
-    partitions = [{by_name[n.name]: None for n in r.nodes} for r, _ in chosen]
-    new = fuse_by_partitions(new, partitions, prefix="_fxpart_region_", always_return_tuple=True)
-    for i, (region, level) in enumerate(chosen):
-        sub = getattr(new, f"_fxpart_region_{i}")
-        setattr(new, f"_fxpart_region_{i}", _Checkpointed(sub, region.saved(level)))
-    new.graph.lint()
-    new.recompile()
-    return new
-
-
 # -- the search ---------------------------------------------------------------------------
 
+Levels = tuple[int, ...]
+
+
 class _Search:
-    """Simulates candidates (memoized) for one model and budget."""
+    """The path of candidates for one model, and their simulated steps (memoized)."""
 
-    def __init__(self, gm, args, kwargs, loss_fn, regions: list[_Region]):
+    def __init__(self, gm, args, kwargs, loss_fn, regions: list[Region], base: StepTrace):
         self.gm, self.args, self.kwargs, self.loss_fn, self.regions = gm, args, kwargs, loss_fn, regions
-        self.cache: dict[tuple[int, ...], StepTrace] = {}
+        self.base = base
+        self.path = _path(regions)
+        self.traces: dict[Levels, StepTrace] = {self.path[0]: base}
+        self.rng_state_bytes = rng_state_bytes(gm)
 
-    def trace(self, levels) -> StepTrace:
-        key = tuple(levels)
-        if key not in self.cache:
-            if len(self.cache) >= _MAX_SIMULATIONS:
-                raise _OutOfSimulations
-            candidate = _build(self.gm, self.regions, list(key))
-            self.cache[key] = simulate(candidate, self.args, self.kwargs, training=True, loss_fn=self.loss_fn)
-            log.debug("recompute: levels %s -> peak %s", key, format_bytes(self.cache[key].peak_bytes))
-        return self.cache[key]
+    def trace(self, levels: Levels) -> StepTrace:
+        if levels not in self.traces:
+            candidate = build(self.gm, self.regions, levels)
+            self.traces[levels] = simulate(candidate, self.args, self.kwargs, training=True, loss_fn=self.loss_fn)
+            log.debug("recompute: levels %s -> peak %s", levels, format_bytes(self.traces[levels].peak_bytes))
+        return self.traces[levels]
 
-    def fits(self, levels, budget: int) -> bool:
-        return self.trace(levels).peak_bytes <= budget
+    def peak(self, levels: Levels) -> int:
+        """The simulated peak, plus the generator states the checkpoints of random regions keep (the
+        simulator does not see them: no dispatched op allocates them)."""
+        random = sum(lv > 0 and r.draws_random for r, lv in zip(self.regions, levels))
+        return self.trace(levels).peak_bytes + random * self.rng_state_bytes
 
-    def extra_flops(self, levels) -> int:
-        return sum(r.costs[i] for r, lv in zip(self.regions, levels) for i in range(lv))
+    def predicted(self, levels: Levels) -> int:
+        return self.base.peak_bytes - sum(sum(r.gains[:lv]) for r, lv in zip(self.regions, levels))
+
+    def flops(self, levels: Levels) -> int:
+        trace = self.traces[levels]
+        return trace.total_flops + trace.total_backward_flops
+
+    def cheapest_fitting(self, budget: float) -> Levels:
+        """Of the simulated candidates that fit, the one with the fewest FLOPs (then the lowest peak)."""
+        fitting = [lv for lv in self.traces if self.peak(lv) <= budget]
+        return min(fitting, key=lambda lv: (self.flops(lv), self.peak(lv)))
 
 
-class _OutOfSimulations(Exception):
-    pass
+def _path(regions: list[Region]) -> list[Levels]:
+    """Candidates from no recomputation to every region at its last level, one move at a time."""
+    levels = [0] * len(regions)
+    path = [tuple(levels)]
+    while (move := _next_move(regions, levels)) is not None:
+        region, level = move
+        levels[region] = level
+        path.append(tuple(levels))
+    return path
 
 
-def _next_move(regions: list[_Region], levels: list[int]) -> int | None:
-    """The region whose next level frees the most predicted bytes per extra FLOP (0-FLOP steps first)."""
+def _next_move(regions: list[Region], levels: list[int]) -> tuple[int, int] | None:
+    """(region, level to raise it to) with the most predicted bytes freed per extra FLOP, 0-FLOP moves
+    first. Every higher level of a region is looked at: a step that frees nothing by itself (keeping
+    an attention's scores costs what recomputing its softmax frees) may open steps that do."""
     best, best_key = None, None
     for i, (region, level) in enumerate(zip(regions, levels)):
-        if level >= len(region.gains):
-            continue
-        gain, cost = region.gains[level], region.costs[level]
-        key = (cost == 0, gain / max(cost, 1), -i)
-        if gain > 0 and (best_key is None or key > best_key):
-            best, best_key = i, key
+        gain = cost = 0
+        for target in range(level + 1, region.n_levels):
+            gain += region.gains[target - 1]
+            cost += region.costs[target - 1]
+            key = (cost == 0 and gain > 0, gain / max(cost, 1))
+            if best_key is None or key > best_key:
+                best, best_key = (i, target), key
     return best
 
 
-def _greedy(search: _Search, budget: int, baseline: int) -> list[int] | None:
-    regions = search.regions
-    levels = [0] * len(regions)
+def _walk(search: _Search, budget: float) -> Levels | None:
+    """The first candidate on the path that fits, simulating those predicted to fit first."""
     offset = 0    # simulated minus predicted peak of the last simulated candidate
-    while True:
-        predicted = baseline - sum(sum(r.gains[:lv]) for r, lv in zip(regions, levels)) + offset
-        if predicted <= budget:
-            peak = search.trace(levels).peak_bytes
+    for levels in search.path[1:]:
+        if search.predicted(levels) + offset <= budget:
+            peak = search.peak(levels)
             if peak <= budget:
                 return levels
-            offset += peak - predicted
-        move = _next_move(regions, levels)
-        if move is None:
-            return None
-        levels[move] += 1
+            offset = peak - search.predicted(levels)
+    for levels in search.path[1:]:   # the predictions missed it, if anything fits: try every candidate
+        if search.peak(levels) <= budget:
+            return levels
+    return None
 
 
-def _prune(search: _Search, levels: list[int], budget: int) -> list[int]:
-    """Undo level steps the budget does not need, the most FLOPs first."""
-    levels = list(levels)
-    tried = set()
-    while True:
-        steps = sorted(((r.costs[lv - 1], -i, i) for i, (r, lv) in enumerate(zip(search.regions, levels))
+def _prune(search: _Search, levels: Levels, budget: float) -> None:
+    """Simulate the candidate with each level step undone that the budget may not need, most FLOPs first."""
+    current, tried, trials = list(levels), set(), 0
+    while trials < _MAX_PRUNE_TRIALS:
+        steps = sorted(((r.costs[lv - 1], -i) for i, (r, lv) in enumerate(zip(search.regions, current))
                         if lv > 0 and (i, lv) not in tried), reverse=True)
         if not steps:
-            return levels
-        _, _, i = steps[0]
-        tried.add((i, levels[i]))
-        trial = list(levels)
+            return
+        i = -steps[0][1]
+        tried.add((i, current[i]))
+        trial = list(current)
         trial[i] -= 1
-        try:
-            if search.fits(trial, budget):
-                levels = trial
-        except _OutOfSimulations:
-            return levels
+        trials += tuple(trial) not in search.traces
+        if search.peak(tuple(trial)) <= budget:
+            current = trial
 
 
 def recompute(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
@@ -298,7 +182,9 @@ def recompute(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: 
     """A module computing what the model does whose training step peaks at or under ``peak_bytes``.
 
     Activations are recomputed in the backward (PyTorch's non-reentrant checkpoint with a
-    selective per-op policy) instead of being saved, as little as the budget allows.
+    selective per-op policy) instead of being saved, as little as the budget allows. Random
+    ops (dropout) are recomputed from the random state the checkpoint saved, so they draw
+    the numbers the forward drew.
 
     Args:
         model_or_gm: an ``nn.Module`` or a graph from ``capture``.
@@ -312,7 +198,8 @@ def recompute(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: 
         same outputs and gradients; its plan is ``module.meta["fxpart.recompute"]``.
 
     Raises:
-        ValueError: the budget cannot be met; the message names the smallest reachable peak.
+        ValueError: the budget cannot be met; the message names the smallest reachable peak,
+            and every budget at or above it is met.
 
     Example:
         >>> from passes.zoo import tiny_gpt
@@ -322,47 +209,40 @@ def recompute(model_or_gm: nn.Module, example_inputs: Any = (), example_kwargs: 
         >>> estimate(fitted, inputs, training=True).peak_bytes <= 0.7 * base
         True
     """
-    if not isinstance(peak_bytes, (int, float)) or peak_bytes <= 0:
+    if isinstance(peak_bytes, bool) or not isinstance(peak_bytes, (int, float)) or peak_bytes <= 0:
         raise ValueError(f"peak_bytes must be a positive number of bytes, got {peak_bytes!r}")
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     gm = capture(model_or_gm, args, kwargs)
     base = simulate(gm, args, kwargs, training=True, loss_fn=loss_fn)
-    regions = _find_regions(gm, base)
-    search = _Search(gm, args, kwargs, loss_fn, regions)
-    search.cache[(0,) * len(regions)] = base
-    if base.peak_bytes <= peak_bytes:
-        levels = [0] * len(regions)
-    else:
-        try:
-            levels = _greedy(search, peak_bytes, base.peak_bytes)
-        except _OutOfSimulations:
-            levels = None
+    search = _Search(gm, args, kwargs, loss_fn, find_regions(gm, base), base)
+    if base.peak_bytes > peak_bytes:
+        levels = _walk(search, peak_bytes)
         if levels is None:
-            raise ValueError(_unreachable(search, peak_bytes, base.peak_bytes))
-        levels = _prune(search, levels, peak_bytes)
-    return _finish(search, levels, base)
+            raise ValueError(_unreachable(search, peak_bytes))
+        _prune(search, levels, peak_bytes)
+    return _finish(search, search.cheapest_fitting(peak_bytes))
 
 
-def _unreachable(search: _Search, budget: int, baseline: int) -> str:
-    full = tuple(len(r.gains) for r in search.regions)
-    search.cache.pop(full, None)   # always simulated, even past the simulation limit
-    search.cache[full] = simulate(_build(search.gm, search.regions, list(full)), search.args, search.kwargs,
-                                  training=True, loss_fn=search.loss_fn)
-    smallest = min(t.peak_bytes for t in search.cache.values())
+def _unreachable(search: _Search, budget: float) -> str:
+    smallest = min(search.peak(levels) for levels in search.path)
+    if not search.regions:
+        where = ("no region to recompute: no node runs under an indexed module (a ModuleList or Sequential "
+                 "child), or every such run writes in place into a value from outside it")
+    else:
+        where = (f"over {len(search.path)} candidates, from saving everything to recomputing all "
+                 f"{len(search.regions)} regions ({search.regions[0].name} ... {search.regions[-1].name})")
     return (f"recompute: peak_bytes={budget} ({format_bytes(budget)}) cannot be met; the smallest reachable "
-            f"peak is {smallest} bytes ({format_bytes(smallest)}), from {format_bytes(baseline)} without "
-            f"recomputation ({len(search.regions)} regions, every one fully recomputed). Raise peak_bytes to at "
-            f"least {smallest}, or shrink the batch")
+            f"peak is {smallest} bytes ({format_bytes(smallest)}), from {format_bytes(search.base.peak_bytes)} "
+            f"without recomputation ({where}). Raise peak_bytes to at least {smallest}, or shrink the batch")
 
 
-def _finish(search: _Search, levels: list[int], base: StepTrace) -> torch.fx.GraphModule:
-    module = _build(search.gm, search.regions, levels)
-    trace = search.trace(levels)
+def _finish(search: _Search, levels: Levels) -> torch.fx.GraphModule:
+    module = build(search.gm, search.regions, levels)
     module.meta[PLAN] = RecomputePlan(
-        regions=tuple(r.name for r in search.regions), levels=tuple(levels),
-        saved_nodes=tuple(r.saved(lv) for r, lv in zip(search.regions, levels)),
-        peak_bytes=trace.peak_bytes, baseline_peak_bytes=base.peak_bytes,
-        extra_flops=trace.total_flops + trace.total_backward_flops - base.total_flops - base.total_backward_flops,
-        baseline_flops=base.total_flops + base.total_backward_flops)
+        regions=tuple(r.name for r in search.regions), levels=levels,
+        saved_nodes=tuple(r.kept(lv) for r, lv in zip(search.regions, levels)),
+        peak_bytes=search.peak(levels), baseline_peak_bytes=search.base.peak_bytes,
+        extra_flops=search.flops(levels) - search.flops(search.path[0]),
+        baseline_flops=search.flops(search.path[0]))
     log.debug("%s", module.meta[PLAN])
     return module

@@ -12,7 +12,11 @@ What is measured, per graph node and for the whole step:
 * memory: every storage the step allocates is followed from allocation to release
   (views share their base's storage and are counted once), so the peak is that of the
   step as eager PyTorch would run it: parameters, buffers, inputs, optimizer state,
-  activations saved for backward, gradients and transient buffers.
+  activations saved for backward, gradients and transient buffers. Matmul kernels copy
+  inputs BLAS cannot read in place (strides neither row- nor column-major, e.g. the
+  zero-stride gradient of ``logits.sum()``) into buffers they free before returning: no
+  dispatched op shows those, so they are charged as transients from a table
+  (``_KERNEL_COPIES``), as the allocator sees them.
 
 The optimizer's state is created by one warm-up step before measuring, so the
 measured step is a steady-state one (``zero_grad(set_to_none=True)`` semantics:
@@ -37,6 +41,8 @@ from .flops import count_flops, has_flop_rule
 
 __all__ = ["simulate", "simulate_module", "StepTrace", "NodeTrace", "OPTIMIZERS"]
 
+aten = torch.ops.aten
+
 LOSS = "(loss)"
 OPTIMIZER = "(optimizer)"
 OTHER = "(autograd)"
@@ -55,6 +61,7 @@ class NodeTrace:
     backward_flops: int = 0
     output_bytes: int = 0      # new storage its forward allocated (views: 0)
     saved_bytes: int = 0       # of that, storage kept for backward
+    flop_output_bytes: int = 0  # of output_bytes, outputs of ops that compute (FLOPs > 0): what a checkpoint keeps
     backward_bytes: int = 0    # storage its backward allocated (gradients, temporaries)
 
 
@@ -104,11 +111,17 @@ class _Tracker(TorchDispatchMode):
         self.allocs[key] = [nbytes, category, owner or self.owner, ref]
         self.live[category] += nbytes
         self.live_total += nbytes
-        if self.live_total > self.peak:
-            self.peak = self.live_total
+        self._check_peak()
+        return nbytes
+
+    def _check_peak(self, transient: int = 0) -> None:
+        """Record a new peak; ``transient`` bytes are live only while the current op runs."""
+        if self.live_total + transient > self.peak:
+            self.peak = self.live_total + transient
             self.peak_at = (self.phase, self.owner)
             self.peak_breakdown = {k: v for k, v in self.live.items() if v}
-        return nbytes
+            if transient:
+                self.peak_breakdown["temporary"] = self.peak_breakdown.get("temporary", 0) + transient
 
     def _free(self, key: int) -> None:
         alloc = self.allocs.pop(key, None)
@@ -166,8 +179,12 @@ class _Tracker(TorchDispatchMode):
                 nbytes = self.track(t, category, owner) or 0
                 if self.phase == "forward":
                     trace.output_bytes += nbytes
+                    trace.flop_output_bytes += nbytes if flops else 0
                 elif self.phase == "backward":
                     trace.backward_bytes += nbytes
+        if func in _KERNEL_COPIES:
+            # freed before the op returns: no dispatched op ever sees these copies
+            self._check_peak(_KERNEL_COPIES[func](*args, **kwargs))
         if self.phase == "backward":
             trace.backward_flops += flops
             self.total_backward_flops += flops
@@ -210,6 +227,34 @@ def _may_compute(func) -> bool:
     return not any(base == w or base.startswith(w) for w in _ZERO_FLOP_WORDS)
 
 
+def _blas_ready(t: torch.Tensor) -> bool:
+    """A matrix BLAS takes as it is: one of its last two strides is 1 and the other spans a row or column."""
+    (rows, cols), (s0, s1) = t.shape[-2:], t.stride()[-2:]
+    return (s1 == 1 and s0 >= max(1, cols)) or (s0 == 1 and s1 >= max(1, rows))
+
+
+def _matrix_copies(*matrices: torch.Tensor) -> int:
+    """Bytes of the contiguous copies a matmul kernel makes of inputs BLAS cannot read in place
+    (CPU ``addmm_impl_cpu_``, CUDA ``prepare_matrix_for_cublas``): e.g. the gradient of
+    ``logits.sum()``, an expanded scalar with zero strides, is copied whole in the LM head's backward."""
+    return sum(m.numel() * m.element_size() for m in matrices if not _blas_ready(m))
+
+
+def _batched_matrix_copies(*batches: torch.Tensor) -> int:
+    """The same for ``bmm``: the CPU kernel copies one batch entry at a time, CUDA the whole batch."""
+    return sum(b.numel() * b.element_size() // (b.shape[0] if b.is_cpu and b.shape[0] else 1)
+               for b in batches if not _blas_ready(b))
+
+
+# op -> bytes its kernel allocates and frees internally, from the op's arguments
+_KERNEL_COPIES: dict[Any, Callable[..., int]] = {
+    aten.mm.default: lambda a, b, **_: _matrix_copies(a, b),
+    aten.addmm.default: lambda bias, a, b, **_: _matrix_copies(a, b),
+    aten.bmm.default: lambda a, b, **_: _batched_matrix_copies(a, b),
+    aten.baddbmm.default: lambda bias, a, b, **_: _batched_matrix_copies(a, b),
+}
+
+
 class _FakeRunner(torch.fx.Interpreter):
     """Runs the graph on fake values, marking which node owns each allocation."""
 
@@ -224,9 +269,7 @@ class _FakeRunner(torch.fx.Interpreter):
         return super().get_attr(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
-        if target is torch.ops.aten.scaled_dot_product_attention.default and _meta_attention(args, kwargs):
-            return _fused_attention(*args, **kwargs)
-        return super().call_function(target, args, kwargs)
+        return _call_target(target, args, kwargs)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         self.tracker.owner = node.name
@@ -246,6 +289,16 @@ class _FakeRunner(torch.fx.Interpreter):
             owners[id(fn)] = name
             self.tracker.grad_fns.append(fn)   # alive until the step ends, so ids stay unique
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+def _call_target(target: Callable, args: tuple, kwargs: dict) -> Any:
+    """``target(*args, **kwargs)`` for a ``call_function`` node, with attention on meta tensors run
+    as the fused kernel a real device runs. Interpreters of graphs that may run on meta call this
+    (``recompute``'s checkpointed regions: a torch-function mode does not reach their recomputation,
+    which the autograd engine runs)."""
+    if target is torch.ops.aten.scaled_dot_product_attention.default and _meta_attention(args, kwargs):
+        return _fused_attention(*args, **kwargs)
+    return target(*args, **kwargs)
 
 
 def _meta_attention(args, kwargs) -> bool:

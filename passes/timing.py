@@ -36,6 +36,11 @@ def _is_view(op: torch._ops.OpOverload) -> bool:
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
+def _is_attention(node: torch.fx.Node) -> bool:
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+    return "attention" in name or "flash" in name or "efficient_attention" in name
+
+
 def _dtype(node: torch.fx.Node) -> torch.dtype:
     for arg in node.all_input_nodes:
         for t in tensors_of(node_value(arg)):
@@ -55,11 +60,13 @@ def roofline_s(node: torch.fx.Node, flops: int, backward_flops: int, spec: Devic
     io = node_io_bytes(node)
     if io == 0 and flops == 0:
         return 0.0, 0.0
-    peak = spec.flops_per_s(_dtype(node))
-    forward = max(flops / peak, io / spec.memory_bandwidth_Bps) + spec.launch_s
+    peak = spec.flops_per_s(_dtype(node)) * (spec.attention_efficiency if _is_attention(node) else
+                                             spec.matmul_efficiency)
+    bandwidth = spec.memory_bandwidth_Bps * spec.memory_efficiency
+    forward = max(flops / peak, io / bandwidth) + spec.launch_s
     backward = 0.0
     if backward_flops or has_backward:
-        backward = max(backward_flops / peak, 2 * io / spec.memory_bandwidth_Bps) + 2 * spec.launch_s
+        backward = max(backward_flops / peak, 2 * io / bandwidth) + 2 * spec.launch_s
     return forward, backward
 
 

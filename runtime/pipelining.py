@@ -1,9 +1,9 @@
 """Run a plan's stages under ``torch.distributed.pipelining``'s schedules (GPipe, 1F1B, interleaved, zero bubble).
 
-Reads a pipeline ``Plan`` (stage GraphModules, ``shared_params``, ``in_spec``/``out_spec``);
-builds one ``PipelineStage`` per stage this rank holds. The stage modules are used as they
-are (no copy), so a plan made with ``partition(..., n_microbatches=m)`` runs micro-batches
-of ``batch / m``. Tied parameters (an embedding and its head on different ranks) get their
+Reads a pipeline ``Plan`` (stage GraphModules, ``shared_params``, its input signature and
+``out_spec``); builds one ``PipelineStage`` per stage this rank holds. The stage modules are
+used as they are (no copy); they take any batch size, so they run micro-batches of
+``batch / m``. Tied parameters (an embedding and its head on different ranks) get their
 gradients summed across the ranks holding them, which ``pipelining`` itself does not do.
 
 >>> sched = pipelining_schedule(plan, dist.get_rank(), "1F1B", n_microbatches=4, loss_fn=F.mse_loss)
@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils._pytree import tree_unflatten
 
-from passes._util import flatten_inputs
 
 __all__ = ["pipelining_schedule", "PipeliningSchedule", "SINGLE_STAGE", "MULTI_STAGE"]
 
@@ -34,11 +33,11 @@ class PipeliningSchedule:
     ``schedule`` and ``stages`` are torch's objects; ``step`` runs one training step.
     """
 
-    def __init__(self, schedule, stages: list, stage_indices: list[int], n_stages: int, in_spec, tied: list,
+    def __init__(self, schedule, stages: list, stage_indices: list[int], n_stages: int, signature, tied: list,
                  last_rank: int):
         self.schedule, self.stages, self.stage_indices = schedule, stages, stage_indices
         self._last_rank = last_rank
-        self.n_stages, self.in_spec, self._tied = n_stages, in_spec, tied
+        self.n_stages, self.signature, self._tied = n_stages, signature, tied
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """This rank's parameters, each once (stages on one rank may share a tied parameter)."""
@@ -50,7 +49,7 @@ class PipeliningSchedule:
                     out.append(p)
         return out
 
-    def step(self, inputs, target, optimizer: torch.optim.Optimizer | None = None) -> float | None:
+    def step(self, inputs, target, optimizer: torch.optim.Optimizer | None = None, **kwargs) -> float | None:
         """One step over the whole batch; returns the mean micro-batch loss on every rank.
 
         ``inputs``: positional inputs (a tuple or one tensor); every rank may pass them, only the
@@ -58,7 +57,7 @@ class PipeliningSchedule:
         then ``optimizer`` (if given) steps and zeroes them.
         """
         args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        flat = flatten_inputs(self.in_spec, tuple(args), {})
+        flat = self.signature.flatten(tuple(args), kwargs)
         losses: list = []
         has_first, has_last = 0 in self.stage_indices, self.n_stages - 1 in self.stage_indices
         call_args = flat if has_first else ()
@@ -81,8 +80,7 @@ def pipelining_schedule(plan, rank: int, schedule: str = "1F1B", *, n_microbatch
     """Build ``PipelineStage``s from ``plan``'s stage modules for ``rank`` and a torch schedule over them.
 
     Args:
-        plan: a pipeline ``Plan``; its stage modules must take micro-batches of ``batch / n_microbatches``
-            (``partition(..., n_microbatches=n_microbatches)``).
+        plan: a ``Plan`` with tp = dp = 1 (``strategy="pipeline"``).
         rank: this process's rank in the default (or given) process group.
         schedule: ``"GPipe"`` or ``"1F1B"`` (one stage per rank: ``len(plan.stages) == world``), or
             ``"Interleaved1F1B"``, ``"LoopedBFS"``, ``"InterleavedZeroBubble"`` (rank r holds stages
@@ -95,6 +93,16 @@ def pipelining_schedule(plan, rank: int, schedule: str = "1F1B", *, n_microbatch
         ValueError: an unknown schedule, or a stage count the schedule cannot place on the world.
     """
     from torch.distributed import pipelining as pp
+    if plan.mesh["tp"] > 1 or plan.mesh["dp"] > 1:
+        raise ValueError(f"pipelining_schedule runs pipeline-only plans; this plan's mesh is {plan.mesh}: run it with "
+                         f"runtime.Runner")
+    for stage in plan.stages[1:]:
+        sizes = [n.name for n in stage.module.graph.nodes if n.op == "placeholder"
+                 and not isinstance(n.meta.get("val"), torch.Tensor)]
+        if sizes:
+            raise ValueError(f"stage {stage.index} takes sizes {sizes} (ints) from the stage before, and "
+                             f"torch.distributed.pipelining passes only tensors between stages; run the plan with "
+                             f"runtime.Runner, or pin cuts where every size can be read off a tensor (cuts=...)")
     world = dist.get_world_size(group)
     n_stages = len(plan.stages)
     indices = _stage_indices(schedule, rank, world, n_stages)
@@ -105,7 +113,7 @@ def pipelining_schedule(plan, rank: int, schedule: str = "1F1B", *, n_microbatch
     cls = getattr(pp, f"Schedule{schedule}")
     torch_schedule = cls(stages[0] if schedule in SINGLE_STAGE else stages, n_microbatches, loss_fn=wrapped)
     tied = _tied_groups(plan.shared_params, stages, indices, schedule, world, n_stages)
-    return PipeliningSchedule(torch_schedule, stages, indices, n_stages, plan.in_spec, tied,
+    return PipeliningSchedule(torch_schedule, stages, indices, n_stages, plan.signature, tied,
                               _owner(n_stages - 1, schedule, world))
 
 

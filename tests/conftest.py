@@ -59,13 +59,14 @@ def case_name(request) -> str:
 
 @pytest.fixture(scope="session")
 def captured():
-    """``captured(name) -> (case, gm)``: each model captured once per session (do not train ``case.model``)."""
+    """``captured(name) -> (case, gm)``: each model captured once per session (do not train ``case.model``),
+    with static shapes as ``estimate(model)`` captures it, so the two cost the same graph."""
     cache: dict = {}
 
     def get(name: str):
         if name not in cache:
             case = make_case(name)
-            cache[name] = case, capture(case.model, case.args, case.kwargs)
+            cache[name] = case, capture(case.model, case.args, case.kwargs, dynamic=False)
         return cache[name]
     return get
 

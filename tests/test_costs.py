@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import MODELS, Case, gpt2, make_case
-from passes import NodeCost, estimate
+from passes import NodeCost, capture, estimate
 from reference import flop_counter_flops, memtracker_inference_peak, memtracker_training_peak
 
 # FlopCounterMode counts 0 for the fused CPU attention kernel: gpt2_sdpa has its own tests below.
@@ -118,6 +118,15 @@ def test_estimate_of_captured_graph_equals_estimate_of_model(case_name, estimate
         assert getattr(from_model, field) == getattr(from_graph, field), field
     assert [(r.flops, r.backward_flops, r.output_bytes) for r in from_model.nodes] == \
         [(r.flops, r.backward_flops, r.output_bytes) for r in from_graph.nodes]
+
+
+def test_graph_with_symbolic_sizes_costs_what_the_static_graph_costs(case_name, estimates):
+    case = make_case(case_name)
+    gm = capture(case.model, case.args, case.kwargs)          # dynamic batch / sequence dims
+    dynamic = estimate(gm, case.args, case.kwargs, training=True, optimizer="adamw")
+    static = estimates(case_name, training=True)
+    for field in ("flops", "backward_flops", "param_bytes", "peak_bytes", "activation_bytes"):
+        assert getattr(dynamic, field) == getattr(static, field), field
 
 
 @pytest.mark.parametrize("kwargs, match", [

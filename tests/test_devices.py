@@ -71,9 +71,10 @@ def test_big_matmul_is_compute_bound():
     model, inputs = _on_meta(nn.Linear(4096, 4096), 4096, 4096)
     row = _node(estimate(model, inputs, device=spec), "linear")
     assert row.flops == 2 * 4096 ** 3
-    compute_s = row.flops / spec.flops_per_s(torch.float32)
-    memory_s = 3 * 4096 * 4096 * 4 / spec.memory_bandwidth_Bps   # x, weight, out (bias is tiny)
-    assert compute_s > 10 * memory_s
+    # what a large matmul achieves, not the datasheet peak
+    compute_s = row.flops / (spec.flops_per_s(torch.float32) * spec.matmul_efficiency)
+    memory_s = 3 * 4096 * 4096 * 4 / (spec.memory_bandwidth_Bps * spec.memory_efficiency)   # x, weight, out
+    assert spec.matmul_efficiency < 1 and compute_s > 10 * memory_s
     assert row.forward_time_s == pytest.approx(compute_s + spec.launch_s, rel=1e-6)
 
 
@@ -83,8 +84,8 @@ def test_elementwise_op_is_memory_bound():
     row = _node(estimate(model, inputs, device=spec), "relu")
     assert row.flops == 0
     read_and_written = 2 * 4096 * 4096 * 4
-    assert row.forward_time_s == pytest.approx(read_and_written / spec.memory_bandwidth_Bps + spec.launch_s,
-                                               rel=1e-6)
+    achieved = spec.memory_bandwidth_Bps * spec.memory_efficiency
+    assert row.forward_time_s == pytest.approx(read_and_written / achieved + spec.launch_s, rel=1e-6)
 
 
 def test_bf16_is_faster_than_fp32_on_h100():

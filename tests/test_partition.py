@@ -35,7 +35,7 @@ def _model(name: str):
 @functools.lru_cache(maxsize=None)
 def _plan(name: str, n: int):
     model, args, kwargs = _model(name)
-    return partitioner.partition(model, n, args, kwargs, device="h100")
+    return partitioner.partition(model, n, args, kwargs, strategy="pipeline", device="h100")
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +45,9 @@ def _training_estimate(name: str):
 
 
 def _compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    """Compute nodes, less the symbolic sizes a stage recomputes from its inputs (they belong to no module)."""
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+            and n.target is not torch.ops.aten.sym_size.int]
 
 
 def _module_paths(node: torch.fx.Node) -> list[str]:
@@ -164,21 +166,21 @@ def test_unknown_strategy_is_refused():
 
 def test_more_devices_than_cuttable_nodes_is_refused():
     model, x = torch.nn.Linear(8, 4), torch.randn(2, 8)
-    with pytest.raises(ValueError, match=r"into 50 non-empty stages.*use at most 1 devices"):
-        partitioner.partition(model, 50, (x,), device="h100")
+    with pytest.raises(ValueError, match=r"into 50 non-empty stages.*use at most 1 stages"):
+        partitioner.partition(model, 50, (x,), strategy="pipeline", device="h100")
 
 
 def test_impossible_memory_limit_says_what_each_stage_needs():
     model, args, kwargs = _model("mlp")
     with pytest.raises(ValueError, match=r"memory_limit=1000 B.*needs stage 0: [\d.]+ KiB, stage 1: [\d.]+ KiB"):
-        partitioner.partition(model, 2, args, kwargs, device="h100", memory_limit=1000)
+        partitioner.partition(model, 2, args, kwargs, strategy="pipeline", device="h100", memory_limit=1000)
 
 
 # -- pinned cuts ----------------------------------------------------------------------------------
 
 def test_cut_at_module_path_starts_the_stage_at_that_module():
     model, args, kwargs = _model("gpt2")
-    plan = partitioner.partition(model, 3, args, kwargs, device="h100", cuts=["transformer.h.1", "transformer.ln_f"])
+    plan = partitioner.partition(model, 3, args, kwargs, strategy="pipeline", device="h100", cuts=["transformer.h.1", "transformer.ln_f"])
     first, second, third = ([_module_paths(node) for node in _compute_nodes(s.module)] for s in plan.stages)
     assert "transformer.h.1" in second[0] and not any("transformer.h.1" in p for p in first + third)
     assert "transformer.h.0" in first[-1] and not any("transformer.h.0" in p for p in second + third)
@@ -190,7 +192,7 @@ def test_cut_at_module_path_starts_the_stage_at_that_module():
 def test_cut_at_node_names_reproduces_a_plan():
     model, args, kwargs = _model("gpt2")
     planned = _plan("gpt2", 4)
-    pinned = partitioner.partition(model, 4, args, kwargs, device="h100", cuts=list(planned.cuts))
+    pinned = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100", cuts=list(planned.cuts))
     assert pinned.cuts == planned.cuts
     assert [s.cost for s in pinned.stages] == [s.cost for s in planned.stages]
 
@@ -200,13 +202,16 @@ def test_cut_at_node_names_reproduces_a_plan():
 def test_plan_made_on_meta_applies_to_real_weights(tmp_path):
     meta_model, meta_args, meta_kwargs = llama("meta")
     assert all(p.is_meta for p in meta_model.parameters())
-    plan = partitioner.partition(meta_model, 2, meta_args, meta_kwargs, device="h100")
+    plan = partitioner.partition(meta_model, 2, meta_args, meta_kwargs, strategy="pipeline", device="h100")
     path = plan.save(tmp_path / "plan.json")
-    assert json.load(open(path))["cuts"] == list(plan.cuts)
+    assert [c["node"] for c in json.load(open(path))["decisions"]["cuts"]] == list(plan.cuts)
 
     model, args, kwargs = llama()
     loaded = partitioner.load_plan(path, model, args, kwargs)
-    assert loaded.cuts == plan.cuts
+    # the meta capture is static and the real one symbolic, so node names may differ; the place may not
+    where = lambda p: [(c["module"], c["op"], c["index"])
+                       for c in json.load(open(p.save(tmp_path / "again.json")))["decisions"]["cuts"]]
+    assert where(loaded) == where(plan)
     assert [s.cost.flops for s in loaded.stages] == [s.cost.flops for s in plan.stages]
     with torch.no_grad():
         torch.testing.assert_close(loaded(*args, **kwargs), model(*args, **kwargs))
@@ -246,7 +251,7 @@ def test_memory_limit_just_above_the_optimum_keeps_it():
     model, args, kwargs = _model("gpt2")
     free = _plan("gpt2", 4)
     limit = max(s.cost.memory_bytes for s in free.stages) + 1
-    plan = partitioner.partition(model, 4, args, kwargs, device="h100", memory_limit=limit)
+    plan = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100", memory_limit=limit)
     assert all(s.cost.memory_bytes < limit for s in plan.stages)
     assert plan.bottleneck_s == pytest.approx(free.bottleneck_s)
 
@@ -256,6 +261,6 @@ def test_tight_memory_limit_counts_the_tied_head_replica():
     model, args, kwargs = _model("gpt2")
     free = _plan("gpt2", 4)
     limit = int(0.95 * max(s.cost.memory_bytes for s in free.stages))
-    plan = partitioner.partition(model, 4, args, kwargs, device="h100", memory_limit=limit)
+    plan = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100", memory_limit=limit)
     assert all(s.cost.memory_bytes <= limit for s in plan.stages)
     assert plan.cuts != free.cuts

@@ -42,8 +42,7 @@ def _worker(name: str, out_path: str) -> None:
               "state_keys": list(model.state_dict()), "group_name": dist.group.WORLD.group_name,
               "planned_group": plan.sharding.group_name, "param_shards": dict(plan.sharding.param_shards)}
     with torch.no_grad():    # the plan's own shard graph: functional collectives on group "0"
-        from passes._util import flatten_inputs
-        raw = plan.stages[rank].module(*flatten_inputs(plan.in_spec, args, kwargs))
+        raw = plan.stages[0].shards[rank].module(*plan.signature.flatten(args, kwargs))
     result["raw_forward"] = raw[0]
     result["losses"] = [runner.step(inputs, target) for _ in range(N_STEPS)]
     result["state"] = runner.full_state_dict()
@@ -130,31 +129,31 @@ def test_tensor_runner_refuses_a_world_size_other_than_the_number_of_shards(monk
     model, args, _, _, _ = _case("mlp", 4)
     plan = partition(model, 2, args, strategy="tensor", device="h100")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="2 shards but the world size is 3"):
+    with pytest.raises(ValueError, match="runs on 2 devices but the world size is 3"):
         Runner(plan)
     assert not dist.is_initialized()
 
 
 def test_megatron_graph_puts_f_before_each_column_group_and_g_after_each_row_matmul():
     from partitioner import partition
-    from runtime.tensor_runner import copy_to_region, megatron_graph, reduce_from_region
+    from runtime.tensor_parallel import copy_to_region, megatron_graph, reduce_from_region
     model, args, _, _, _ = _case("mlp", 4)
     plan = partition(model, 2, args, strategy="tensor", device="h100")
-    gm = megatron_graph(plan.stages[0].module, group_name="0", param_shards=plan.sharding.param_shards)
+    gm = megatron_graph(plan.stages[0].shards[0].module, group_name="0", param_shards=plan.sharding.param_shards)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(reduce_from_region) == len(plan.sharding.row) == 2
     assert targets.count(copy_to_region) == len(plan.sharding.backward_collectives) == 2
     assert "_c10d_functional" not in gm.code
-    assert dict(gm.named_parameters()).keys() == dict(plan.stages[0].module.named_parameters()).keys()
+    assert dict(gm.named_parameters()).keys() == dict(plan.stages[0].shards[0].module.named_parameters()).keys()
 
 
 def test_megatron_graph_gathers_a_vocabulary_parallel_head_with_an_autograd_gather():
     from partitioner import partition
-    from runtime.tensor_runner import gather_from_region, megatron_graph
+    from runtime.tensor_parallel import gather_from_region, megatron_graph
     model, _, kwargs, _, _ = _case("llama", 4)
     plan = partition(model, 2, (), kwargs, strategy="tensor", device="h100")
     assert plan.sharding.gathered == ("linear_14",)
-    gm = megatron_graph(plan.stages[1].module, group_name="0", param_shards=plan.sharding.param_shards)
+    gm = megatron_graph(plan.stages[0].shards[1].module, group_name="0", param_shards=plan.sharding.param_shards)
     gather = [n for n in gm.graph.nodes if n.target is gather_from_region]
     assert len(gather) == 1 and gather[0].args[1:] == (2, "0")
     assert "_c10d_functional" not in gm.code
@@ -163,7 +162,7 @@ def test_megatron_graph_gathers_a_vocabulary_parallel_head_with_an_autograd_gath
 def test_join_shards_undoes_the_fused_qkv_split():
     from partitioner.sharding import Shard
     from partitioner.sharding.rewrite import _local
-    from runtime.tensor_runner import join_shards
+    from runtime.tensor_parallel import join_shards
     w = torch.arange(4 * 12.).reshape(4, 12)
     shard = Shard(1, 3)
     parts = [_local(w, tuple(w.shape), shard, r, 2, lambda op, a: op(*a)) for r in range(2)]

@@ -19,8 +19,10 @@ import torch
 from . import hf
 from .builtin import MoE, TinyGPT, mlp, moe, small_cnn, tiny_gpt
 from .case import Case, build
+from .families import ListMoE, MHAViT, list_moe, mha_vit
 
-__all__ = ["TinyGPT", "tiny_gpt", "mlp", "MoE", "moe", "small_cnn", "Case", "MODELS", "make"]
+__all__ = ["TinyGPT", "tiny_gpt", "mlp", "MoE", "moe", "small_cnn", "MHAViT", "mha_vit", "ListMoE", "list_moe", "Case",
+           "MODELS", "make"]
 
 
 def _builtin(name: str, factory: Callable, *, train: bool = False):
@@ -40,10 +42,14 @@ MODELS: dict[str, Callable[..., Case]] = {
     "llama": hf.llama,
     "t5": hf.t5,
     "vit": hf.vit,
+    **{name: getattr(hf, name) for name in ("mistral", "qwen2", "gemma", "phi3", "falcon", "mixtral", "qwen2_moe", "gptj",
+                                            "gpt_neox", "bloom", "opt", "deberta", "bart", "whisper", "resnet")},
     "tiny_gpt": _builtin("tiny_gpt", tiny_gpt),
     "mlp": _builtin("mlp", mlp),
     "moe": _builtin("moe", moe),
     "small_cnn": _builtin("small_cnn", small_cnn, train=True),   # BatchNorm uses batch statistics
+    "mha_vit": _builtin("mha_vit", mha_vit),
+    "list_moe": _builtin("list_moe", list_moe),
 }
 
 

@@ -1,0 +1,323 @@
+"""Choosing the mesh: every ``dp x tp x pp`` and what goes under it, scored by the step simulator.
+
+Reads a captured, costed graph; writes nothing. ``Planner`` holds what every candidate shares
+(the graph's costs, and per tensor-parallel degree its shard graphs and their pipeline costs,
+each computed once); ``evaluate`` scores one candidate (mesh, micro-batches, schedule,
+data-parallel mode): the exact cuts for its micro-batch under the memory limit, then the
+simulated step (``simulate_step``). ``search`` tries them all and keeps the fastest that fits.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from passes._util import block_path, format_bytes, format_seconds
+from .pipeline import (PipelineCosts, explain_memory, memory_model, solve_cuts, state_per_param_byte,
+                       unit_boundaries)
+from .plan import DP_MODES
+from .schedules import SCHEDULES
+from .simulate_step import StageTiming, simulate_plan
+
+__all__ = ["Planner", "Candidate", "meshes", "search"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One mesh and what goes under it, with its simulated step, or the reason it was rejected."""
+    mesh: dict
+    n_microbatches: int
+    schedule: str
+    data_parallel: str
+    step_time_s: float = math.inf
+    peak_bytes: int = 0
+    bubble_fraction: float = 0.0
+    comm_s: float = 0.0                   # communication time of the step (all axes, before overlap)
+    positions: tuple = ()                 # cut positions in the graph a device runs
+    cost: object = None                   # plan.PlanCost
+    reason: str = ""                      # why it was rejected ("" when it fits)
+    need_bytes: float = 0.0               # rejected for memory: the largest device's need
+    need_text: str = ""                   # and every stage's
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    def label(self) -> str:
+        mesh = " x ".join(f"{k}{self.mesh[k]}" for k in ("dp", "tp", "pp"))
+        extra = f", {self.data_parallel}" if self.mesh["dp"] > 1 else ""
+        sched = f", {self.schedule}" if self.mesh["pp"] > 1 else ""
+        return f"{mesh}, m={self.n_microbatches}{sched}{extra}"
+
+    def summary(self) -> str:
+        if self.reason:
+            return f"{self.label()}: rejected, {self.reason}"
+        return (f"{self.label()}: step {format_seconds(self.step_time_s)}, peak {format_bytes(self.peak_bytes)}, "
+                f"bubble {self.bubble_fraction:.1%}, comm {format_seconds(self.comm_s)}")
+
+
+@dataclass
+class _Graphs:
+    """What one tensor-parallel degree needs: the shard graphs (tp > 1) and the pipeline costs of the first."""
+    info: object
+    sharded: object                # tensor.ShardedGraph (tp > 1) or None
+    costs: PipelineCosts
+    forward_share: np.ndarray      # [n+1] prefix of forward seconds (whole example), to split stage time
+    unit_param_bytes: float
+    allowed: np.ndarray | None     # cut positions of a deep graph (block and sub-block boundaries), or None: any
+
+    @property
+    def shards(self) -> list | None:
+        return self.sharded.modules() if self.sharded is not None else None
+
+
+@dataclass
+class Planner:
+    """Everything the candidates of one model share; ``evaluate`` scores one of them."""
+    gm: torch.fx.GraphModule
+    spec: object
+    training: bool
+    optimizer: str | None
+    balance: str = "time"
+    memory_limit: float | None = None
+    devices_per_node: int = 8
+    batch: int = 1                          # the example's global batch (dim 0)
+    precision: str = "fp32"                 # "mixed": a bf16/fp16 model with fp32 master weights and moments
+    coarse_above: int = 1500                # more cut positions than this: search at block boundaries
+    _graphs: dict = field(default_factory=dict)
+    _cuts: dict = field(default_factory=dict)
+
+    def graphs(self, tp: int) -> _Graphs:
+        if tp not in self._graphs:
+            self._graphs[tp] = self._make_graphs(tp)
+        return self._graphs[tp]
+
+    def _make_graphs(self, tp: int) -> _Graphs:
+        info, sharded, graph = None, None, self.gm
+        if tp > 1:
+            from .tensor import shard_graph
+            sharded = shard_graph(self.gm, tp, spec=self.spec, training=self.training,
+                                  devices_per_node=self.devices_per_node)
+            info, graph = sharded.info, sharded.module(0)
+        costs = PipelineCosts.of(graph, training=self.training, link_Bps=self.spec.link_bandwidth_Bps,
+                                 balance=self.balance, spec=self.spec)
+        forward = np.concatenate([[0.0], np.cumsum(costs.node_forward)])
+        n_cuttable = int(costs.cuttable.sum())
+        allowed = unit_boundaries(costs.order) if n_cuttable > self.coarse_above else None
+        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs), allowed)
+
+    # -- one candidate ------------------------------------------------------------------------
+    def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
+                 positions: list[int] | None = None, near: tuple | None = None, quick: bool = True) -> Candidate:
+        """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
+
+        A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
+        so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
+        state alone exceeds the memory limit without cutting it (False: cut it, to say what each
+        stage would need).
+        """
+        dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
+        base = Candidate(dict(mesh), m, schedule, data_parallel)
+        if self.batch % (dp * m):
+            return _reject(base, f"the batch of {self.batch} does not split into dp x micro-batches = {dp * m}")
+        g = self.graphs(tp)
+        if tp > 1 and not g.info.row and not g.info.expert:
+            return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
+        n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
+        if g.allowed is not None and near is None and positions is None:
+            n_cuttable = min(n_cuttable, len(g.allowed))
+        if pp - 1 > n_cuttable:
+            return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
+        floor = self._state_floor(g, mesh, data_parallel)
+        if quick and self.memory_limit is not None and floor > self.memory_limit:
+            return _reject(base, f"does not fit memory_limit={format_bytes(self.memory_limit)}: parameters and "
+                                 f"optimizer state alone need {format_bytes(floor)} per device", floor,
+                           f"at least {format_bytes(floor)} for parameters and optimizer state")
+        costs = g.costs.at_fraction(1.0 / (dp * m))
+        memory_of = memory_model(costs, pp, training=self.training, schedule=schedule, n_microbatches=m,
+                                 optimizer=self.optimizer, dp=dp, dp_mode=data_parallel,
+                                 unit_param_bytes=g.unit_param_bytes, precision=self.precision)
+        limit = self.memory_limit
+        if positions is None:
+            allowed = g.allowed if near is None else _around(g.allowed, near, len(costs.order))
+            positions = self._fastest_cuts(tp, pp, costs, allowed)        # the same for every schedule and mode
+            bounds = [0] + list(positions) + [len(costs.order)]
+            over = limit is not None and any(memory_of(k, np.array([s]), e)[0] > limit
+                                             for k, (s, e) in enumerate(zip(bounds, bounds[1:])))
+            if over:
+                try:
+                    positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of, allowed=allowed)
+                except ValueError:
+                    need, text = explain_memory(costs, pp, memory_of, allowed=allowed)
+                    return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
+        bounds = [0] + list(positions) + [len(costs.order)]
+        timings = [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+        peak = max(t.memory_bytes for t in timings)
+        if limit is not None and peak > limit:
+            text = ", ".join(f"stage {k}: {format_bytes(t.memory_bytes)}" for k, t in enumerate(timings))
+            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", peak, text)
+        cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
+                             spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
+                             optimizer=self.optimizer, precision=self.precision)
+        return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
+                         bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
+                         positions=tuple(positions), cost=cost)
+
+    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed) -> list[int]:
+        """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
+        key = (tp, pp, costs.fraction, None if allowed is None else (len(allowed), int(allowed.sum())))
+        if key not in self._cuts:
+            self._cuts[key] = solve_cuts(costs, pp, allowed=allowed)
+        return self._cuts[key]
+
+    def _state_floor(self, g: _Graphs, mesh: dict, data_parallel: str) -> float:
+        """A lower bound of any stage's parameter and optimizer state per device (the stages share it evenly
+        at best), to reject meshes without cutting."""
+        if not self.training:
+            return 0.0
+        state = float(g.costs.params[-1]) * state_per_param_byte(self.optimizer, self.precision) / mesh["pp"]
+        return state / mesh["dp"] if data_parallel == "shard" else state
+
+    def _timing(self, g: _Graphs, costs: PipelineCosts, memory_of, k: int, start: int, end: int) -> StageTiming:
+        time = float(costs.work[end] - costs.work[start])
+        whole = float(g.costs.work[end] - g.costs.work[start])
+        share = float(g.forward_share[end] - g.forward_share[start]) / whole if whole else 1.0
+        nodes = costs.order.nodes[start:end]
+        collective = [n.meta["fxpart.cost"] for n in nodes if n.meta["fxpart.cost"].op in ("all_reduce", "all_gather")]
+        fraction = costs.fraction
+        params, _ = costs.held_bytes(np.array([start]), end)
+        floats = _float_crossing(costs, end)
+        return StageTiming(forward_s=time * share, backward_s=time * (1 - share) if self.training else 0.0,
+                           send_bytes=float(costs.crossing_bytes[end]) if end < len(costs.order) else 0.0,
+                           grad_bytes=floats, collective_s=fraction * sum(c.time_s for c in collective),
+                           collective_bytes=fraction * sum(c.output_bytes for c in collective),
+                           param_bytes=float(params[0]), n_units=_units(nodes),
+                           memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
+
+
+def _around(boundaries: np.ndarray | None, cuts: tuple, n: int) -> np.ndarray | None:
+    """Every position between the boundaries on either side of each cut (the two parts it joins)."""
+    if boundaries is None:
+        return None
+    edges = np.concatenate([[0], boundaries, [n]])
+    spans = []
+    for cut in cuts:
+        i = int(np.searchsorted(edges, cut))
+        lo, hi = edges[max(i - 1, 0)], edges[min(i + 1, len(edges) - 1)]
+        spans.append(np.arange(lo, hi + 1))
+    return np.unique(np.concatenate(spans + [boundaries]))
+
+
+def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:
+    return Candidate(base.mesh, base.n_microbatches, base.schedule, base.data_parallel, reason=reason,
+                     need_bytes=need, need_text=text)
+
+
+def _float_crossing(costs: PipelineCosts, end: int) -> float:
+    if end >= len(costs.order):
+        return 0.0
+    return float(costs.crossing_bytes[end])     # gradients of the floats crossing: at most the same bytes
+
+
+def _block_key(node) -> str:
+    return block_path(node) or ""
+
+
+def _units(nodes) -> int:
+    return max(1, len({_block_key(n) for n in nodes} - {""}))
+
+
+def _largest_unit_params(costs: PipelineCosts) -> float:
+    """What a sharded stage holds gathered at once: the largest block's (``...layers.3``) parameters and
+    those outside blocks (the root group's: embeddings, head, final norm)."""
+    per: dict[str, float] = {}
+    prefix = costs.params
+    for i, node in enumerate(costs.order.nodes):
+        per[_block_key(node)] = per.get(_block_key(node), 0.0) + float(prefix[i + 1] - prefix[i])
+    root = per.pop("", 0.0)
+    return max(per.values(), default=0.0) + root
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+def meshes(n_devices: int, *, devices_per_node: int = 8, fixed: dict | None = None) -> list[dict]:
+    """Every ``{"dp", "tp", "pp"}`` with product ``n_devices`` (tp within a node when it can be), or the fixed one."""
+    if fixed is not None:
+        return [dict(fixed)]
+    out = []
+    for tp in _divisors(n_devices):
+        for pp in _divisors(n_devices // tp):
+            out.append({"dp": n_devices // tp // pp, "tp": tp, "pp": pp})
+    in_node = [mesh for mesh in out if mesh["tp"] <= devices_per_node]
+    return in_node or out
+
+
+def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: int | None, schedule: str | None,
+           data_parallel: str | None, positions: list[int] | None = None) -> tuple[Candidate, list[Candidate]]:
+    """The fastest candidate that fits, and every candidate tried (with the rejected ones' reasons).
+
+    ``positions`` pins the cuts (one mesh only).
+
+    Raises:
+        ValueError: no candidate fits; the message says what the closest ones need.
+    """
+    tried = []
+    for mesh in candidate_meshes:
+        best_here = None
+        for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
+            for sched in ([schedule] if schedule else ["1f1b"]):   # GPipe: 1F1B's bubble with more in flight
+                for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
+                    c = planner.evaluate(mesh, m, sched, mode, positions=positions)
+                    tried.append(c)
+                    if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
+                        best_here = c
+        log.debug("mesh %s: best %s", mesh, best_here.summary() if best_here else "none fits")
+    fitting = [c for c in tried if c.fits]
+    if not fitting:
+        by_memory = [c for c in tried if c.need_bytes]
+        if by_memory:          # what the least demanding one needs, stage by stage
+            least = min(by_memory, key=lambda c: c.need_bytes)
+            tried.append(planner.evaluate(least.mesh, least.n_microbatches, least.schedule, least.data_parallel,
+                                          positions=positions, quick=False))
+        raise ValueError(_nothing_fits(tried, planner.memory_limit))
+    best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
+    return best, tried
+
+
+def _nothing_fits(tried: list[Candidate], limit) -> str:
+    """Why no candidate fits: the least memory any needed (when memory was the reason), then every reason."""
+    by_memory = [c for c in tried if c.need_bytes]
+    head = ""
+    if by_memory:
+        staged = [c for c in by_memory if c.need_text.startswith("stage")]
+        least = min(staged or by_memory, key=lambda c: c.need_bytes)
+        head = (f"memory_limit={format_bytes(limit)} per device; the least memory needs {least.need_text} "
+                f"({least.label()}). Try more devices, more micro-batches (n_microbatches), a smaller batch, "
+                f"data_parallel='shard', or passes.recompute to save activations\n")
+    lines = sorted({c.summary() for c in tried})
+    return (head or "any mesh: every candidate was rejected\n") + "candidates:\n  " + "\n  ".join(lines[:12]) + (f"\n  ... {len(lines) - 12} more" if len(lines) > 12
+                                                                   else "")
+
+
+def _microbatch_counts(batch: int, mesh: dict, pinned: int | None) -> list[int]:
+    if pinned is not None:
+        return [pinned]
+    per_replica = batch // mesh["dp"] if batch % mesh["dp"] == 0 else 0
+    if per_replica == 0:
+        return [1]
+    counts = [d for d in _divisors(per_replica) if d <= 64]
+    if mesh["pp"] == 1:
+        counts = [d for d in counts if d <= 8]     # gradient accumulation, only to save activation memory
+    return counts
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+SCHEDULE_NAMES = tuple(SCHEDULES)
