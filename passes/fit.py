@@ -155,10 +155,12 @@ def _measure(module: nn.Module, args: tuple, kwargs: dict, *, optimizer, loss_fn
 def _tightened(budget: int, limit: int, last: FitRound) -> int:
     """The next budget for the cost model. After the unmodified step: the limit in the cost model's
     units (scaled by estimated over measured, when the measurement ran over the estimate). After a
-    candidate built to fit ``budget``: ``budget`` scaled by how far over the limit its step measured."""
+    candidate built to fit ``budget``: the candidate's own estimate scaled by how far over the limit
+    its step measured (not ``budget``: a candidate can sit well under its budget, and a budget
+    shrunk from above it would build the same candidate again), and under ``budget`` in any case."""
     if last.strategy == "as is":
         return int(limit * min(last.estimated_peak_bytes / max(last.measured_peak_bytes, 1), 1.0))
-    scaled = budget * limit / max(last.measured_peak_bytes, 1)
+    scaled = last.estimated_peak_bytes * limit / max(last.measured_peak_bytes, 1)
     return min(int(scaled * (1 - _MARGIN)), budget - 1)
 
 

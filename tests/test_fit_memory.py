@@ -80,3 +80,11 @@ def test_an_unreachable_limit_raises_naming_the_smallest_peaks():
     smallest = int(re.search(r"smallest reachable step peaks at (\d+) B", text).group(1))
     fit = fit_memory(model, args, kwargs, limit=int(1.1 * smallest))     # what it names is within reach
     assert fit.measured_peak_bytes <= 1.1 * smallest
+
+
+def test_a_candidate_well_under_its_budget_that_measures_over_gets_a_budget_under_its_own_estimate():
+    """Shrinking the budget from above would build the same candidate again; the next budget must exclude it."""
+    from passes.fit import FitRound, _tightened
+    last = FitRound("freeze", budget_bytes=1_000, estimated_peak_bytes=900, measured_peak_bytes=1_010)
+    assert _tightened(1_000, 1_000, last) < 900 * 1_000 / 1_010
+    assert _tightened(1_000, 1_000, FitRound("freeze", 1_000, 1_000, 1_100)) < 1_000 * 1_000 / 1_100
