@@ -194,3 +194,23 @@ def test_task_data_needs_a_two_argument_loss():
         finetune(model, (idx,), memory_limit=10**9, data=[((idx,), idx)])
     with pytest.raises(TypeError, match=r"data\[0\]"):
         finetune(model, (idx,), memory_limit=10**9, data=[idx], loss_fn=lambda out, target: out.sum())
+
+
+def test_when_one_block_alone_removes_the_loss_left_it_trains_alone():
+    """Scores saying every block removes all the loss left: one block in full (the last: the shortest backward)."""
+    from passes.finetune import FULL
+    from passes.task_probe import PartScore, TaskScores
+    model, idx = _gpt()
+    clf = attach_classifier(model, 2, pool="mean")
+    labels = torch.tensor([0, 1])
+    loss_fn = lambda logits, target: F.cross_entropy(logits, target)  # noqa: E731
+    blocks = [f"backbone.blocks.{i}" for i in range(4)]
+    scores = TaskScores(parts={b: PartScore(b, drops={FULL: 0.5}, raw_drops={FULL: 0.5}) for b in blocks},
+                        head_drop=0.0, reference_drop=0.0, start_loss=1.0, reference_loss=0.5, n_probe_batches=1,
+                        n_held_out_batches=1, steps=1, lr=1e-3, time_s=0.0)
+    full = estimate(clf, (idx,), training=True, optimizer="adamw", loss_fn=lambda o: loss_fn(o, labels)).peak_bytes
+    plan = finetune(clf, (idx,), memory_limit=int(0.9 * full), data=[((idx,), labels)], loss_fn=loss_fn,
+                    scores=scores)
+    assert plan.candidate.modes == (0, 0, 0, FULL) and not plan.candidate.full
+    assert plan.value == 0.5
+    assert "block 3 alone removes the loss left" in plan.part_table()
