@@ -20,14 +20,17 @@ and is scored on 2,000 fresh samples (accuracy; chance 50%):
 * ``finetune`` with data: the first 16 of those batches (12 probe, 4 held out), probes of
   40 steps at the same lr; their cost is reported beside.
 
+A recipe that trains exactly the tensors an earlier one trained (no adapters) takes its
+accuracy instead of training again: one thread, the same weights and batches, the same result.
+
 Peaks: estimated (``estimate``, the plan's step) and measured (``measure_step``: one real
 AdamW step, every storage followed on this CPU).
 
 Part 2. ``fit_memory`` on Hugging Face GPT-2 and Llama configs (random weights, AdamW, batch
-4, seq 64) at limits of 85%, 60% and 40% of the unmodified step's measured peak: the
-measured peak it reaches and the rounds it took, measured on this CPU; and again with a
-device that measures every transformed step 6% over the cost model (a stand-in for an
-allocator's overhead), to show the tightening rounds.
+4, seq 64) at limits of 85%, 65% and 50% of the unmodified step's measured peak: the
+measured peak it reaches and the rounds it took, measured on this CPU; and again (65%, 50%)
+with a device that measures every transformed step 6% over the cost model (a stand-in for
+an allocator's overhead), to show the tightening rounds.
 
 Writes ``benchmarks/results/finetune.md``. Run: ``python benchmarks/finetune.py`` (about
 20 minutes on 2 shared cores; ``--seeds 1`` for a quick look).
@@ -115,7 +118,7 @@ def run_task(task_name: str, pretrained, seed: int) -> list[dict]:
     full = estimate(pretrained, (x0,), training=True, optimizer="adamw", loss_fn=loss)
     budget = full.peak_bytes // 2
     test_x, test_y = task.sample(N_TEST, seed=9_000 + seed)
-    rows = []
+    rows, trained = [], {}
     for recipe in RECIPES:
         start = time.perf_counter()
         model, what, plan = _build(recipe, copy.deepcopy(pretrained), task, data, budget, x0, y0)
@@ -123,9 +126,15 @@ def run_task(task_name: str, pretrained, seed: int) -> list[dict]:
         est = estimate(model, (x0,), training=True, optimizer="adamw", loss_fn=loss).peak_bytes
         measured = measure_step(model, (x0,), loss_fn=loss).peak_bytes
         start = time.perf_counter()
-        _train(model, task, seed)
-        with torch.no_grad():
-            metric = task.metric(model(test_x), test_y)
+        # Without adapters (no random initialisation) the same trained tensors from the same weights, on the same
+        # batches in the same order, train to the same weights (one thread): such a recipe reuses the metric.
+        key = tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
+        if key in trained and not any("lora_" in n for n, _ in key):
+            metric = trained[key]
+        else:
+            _train(model, task, seed)
+            with torch.no_grad():
+                metric = trained[key] = task.metric(model(test_x), test_y)
         rows.append(dict(task=task_name, seed=seed, recipe=recipe, what=what, budget=budget, full=full.peak_bytes,
                          estimated=est, measured=measured, metric=metric, train_s=time.perf_counter() - start,
                          choose_s=choose_s, plan=plan))
@@ -156,9 +165,14 @@ def _verdict(rows: list[dict], task_name: str) -> str:
     best = max(baselines, key=baselines.get)
     spread = [x["metric"] for x in rows if x["task"] == task_name and x["recipe"] == best]
     noise = (max(spread) - min(spread)) / 2
+    per_seed = []
+    for seed in sorted({x["seed"] for x in rows}):
+        got = {x["recipe"]: x["metric"] for x in rows if x["task"] == task_name and x["seed"] == seed}
+        per_seed.append(f"{got['finetune, task data'] - max(got[r] for r in baselines):+.3f}")
     return (f"Task-aware median {ours:.3f}; best common recipe: {best} at {baselines[best]:.3f} (half its "
             f"seed range: {noise:.3f}); last k blocks at {baselines['last k blocks']:.3f}. Task-aware minus best: "
-            f"{ours - baselines[best]:+.3f}; minus last k blocks: {ours - baselines['last k blocks']:+.3f}.")
+            f"{ours - baselines[best]:+.3f}; minus last k blocks: {ours - baselines['last k blocks']:+.3f}. Per seed, "
+            f"task-aware minus that seed's best common recipe: {', '.join(per_seed)}.")
 
 
 def _probe_lines(rows: list[dict], task_name: str) -> list[str]:
@@ -174,7 +188,8 @@ def _probe_lines(rows: list[dict], task_name: str) -> list[str]:
 
 FIT_CASES = [("gpt2", dict(n_layer=2, n_embd=128, seq=64, batch=4)), ("gpt2", dict(n_layer=4, n_embd=128, seq=64, batch=4)),
              ("llama", dict(hidden=128, n_layers=2, seq=64, batch=4)), ("llama", dict(hidden=128, n_layers=4, seq=64, batch=4))]
-FIT_FRACTIONS = (0.85, 0.6, 0.4)
+FIT_FRACTIONS = (0.85, 0.65, 0.5)     # every one reachable (the smallest reachable: 0.31-0.44)
+BIASED_FRACTIONS = (0.65, 0.5)
 
 
 def run_fit() -> list[list]:
@@ -183,7 +198,7 @@ def run_fit() -> list[list]:
         model, args, kwargs = make(name, **sizes)
         base = measure_step(model, args, kwargs).peak_bytes
         for biased in (False, True):
-            for fraction in FIT_FRACTIONS:
+            for fraction in BIASED_FRACTIONS if biased else FIT_FRACTIONS:
                 model, args, kwargs = make(name, **sizes)
                 measure = _biased(model) if biased else None
                 limit = int(fraction * base)
@@ -216,12 +231,12 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.time()
     seeds = list(range(opts.seeds))
+    fit_rows = [] if opts.skip_fit else run_fit()
     rows = []
     for seed in seeds:
         pretrained = pretrained_classifier(d_model=D_MODEL, n_layers=N_LAYERS, steps=PRETRAIN_STEPS, seed=seed)
         for task_name in ("recoded", "xor"):
             rows += run_task(task_name, pretrained, seed)
-    fit_rows = [] if opts.skip_fit else run_fit()
     budget = rows[0]["budget"]
     text = [
         "# Task-aware fine-tuning vs the common recipes; `fit_memory`",
@@ -235,7 +250,8 @@ def main() -> None:
         f"steps; its probing time is listed below each table (the recipes' {STEPS} steps are not charged for it). "
         f"Peaks: estimated by `estimate` and measured by `measure_step` (one real AdamW step, every storage "
         f"followed, on this CPU), as a fraction of the budget. torch {torch.__version__}, 1 thread; "
-        f"{len(seeds)} seeds (a seed draws the pretrained model, the batches and the test set).",
+        f"{len(seeds)} seeds (a seed draws the pretrained model, the batches and the test set). A recipe that trains "
+        f"exactly the tensors an earlier one trained (no adapters) takes that one's accuracy (deterministic here).",
         ""]
     for task_name, title in (("recoded", "the signal sits early (inputs re-encoded)"),
                              ("xor", "the signal sits late (XOR of the carried bits)")):
