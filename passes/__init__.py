@@ -19,13 +19,14 @@ from . import draw
 from .finetune import (Candidate, Classifier, FinetunePlan, LoRALinear, NewHead, attach_classifier, attach_lm_head,
                        finetune, insert_lora)
 from .monitor import MemoryReport, measure_step
+from .fit import FitResult, FitRound, fit_memory
 from .recompute import RecomputePlan, recompute
 
 __all__ = ["capture", "CaptureError", "is_captured", "estimate", "Estimate", "NodeCost", "annotate_costs",
            "DeviceSpec", "get_device_spec", "DEVICES", "measure_node_times", "compile_backend", "FxpartBackend",
            "GraphRecord", "draw", "finetune", "FinetunePlan", "Candidate", "LoRALinear", "insert_lora",
            "attach_classifier", "attach_lm_head", "Classifier", "NewHead", "measure_step", "MemoryReport",
-           "recompute", "RecomputePlan"]
+           "recompute", "RecomputePlan", "fit_memory", "FitResult", "FitRound"]
 
 _register_backends()   # backend="fxpart" (Inductor) and "fxpart_eager"; safe to run again
 

@@ -1,305 +1,101 @@
-"""``finetune``: choose what trains and what freezes so a training step fits a memory budget.
+"""``finetune``: choose what trains and what freezes so a training step fits memory and time budgets.
 
-Reads a model and an example batch; captures it once and costs every candidate on that
-one graph with ``estimate`` (candidates differ in which parameters have ``requires_grad``
-and, for low-rank adapters, in nodes inserted by ``insert_lora``). Writes, for the chosen
-candidate only, ``requires_grad`` on the model's parameters and ``LoRALinear`` wrappers
-around the adapted layers; returns a ``FinetunePlan``.
+Reads a model, an example batch and, optionally, a few batches of the target task; writes,
+for the chosen candidate only, ``requires_grad`` on the model's parameters and
+``LoRALinear`` wrappers around the adapted layers; returns a ``FinetunePlan``.
 
-Candidates, from the most trained to the least:
+Every candidate is costed on one capture of the model with ``estimate`` (peak memory and
+step time on ``device``): a frozen prefix saves no activations, no gradients and no
+optimizer state, and needs no backward. Each repeated block is frozen, trains in full, or
+trains through rank-``r`` adapters on its linear layers; the head (a new classifier or LM
+head always) trains or not; full fine-tuning trains everything.
 
-* everything (full fine-tuning);
-* the last ``k`` repeated blocks (the longest ``nn.ModuleList``/``nn.Sequential``) plus
-  the head (every parameter last used after the blocks: final norm, LM head, a tied
-  embedding, a new classifier);
-* the head only;
-* low-rank adapters (rank ``r``, ``B = 0`` so outputs start unchanged) on every linear
-  layer (``nn.Linear``, Hugging Face ``Conv1D``) of the last ``k`` blocks, with the head
-  when the head alone fits, else without.
+* Without ``data`` the choice is by budget alone: the candidate training the most
+  parameters that fits (the last ``k`` blocks and the head, or adapters on the last ``k``
+  blocks).
+* With ``data`` the choice follows the task: ``task_probe.probe_parts`` measures how much
+  each block buys on held-out batches when it trains briefly (in full, or through adapters
+  where only those fit), and the gradient spectrum of its layers says how much of that
+  adapters of each rank can follow. The candidate whose blocks' values sum highest within
+  the budgets wins: training the first block may be worth its activations when the task's
+  signal sits there, and blocks that buy nothing stay frozen. When one block alone (in one
+  mode) removes nearly all the loss left (``_SATURATED``), it trains alone: the most capable
+  such mode, then the cheapest step.
 
-Peak memory is assumed non-decreasing in ``k`` and ``r`` (more saved activations, more
-gradients and optimizer state), so each family is searched along its frontier instead of
-costing every candidate; the winner is the candidate with the most trainable parameters
-whose estimated peak fits. A larger budget never trains fewer parameters.
+The low-rank adapters and task heads live in ``passes.adapters`` (re-exported here), the
+search in ``passes._finetune_search``.
 """
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from ._finetune_search import Candidate, Space, best_value, most_parameters
 from ._util import format_bytes, format_count, format_seconds, table
-from .capture import capture, normalize_inputs
-from .estimate import Estimate, _module_path, estimate
+from .adapters import (Classifier, LoRALinear, NewHead, attach_classifier, attach_lm_head, insert_lora,
+                       set_submodule)
+from .capture import normalize_inputs
+from .estimate import Estimate
+from .task_probe import FULL, TaskScores, probe_parts, split_batches
 
-__all__ = ["finetune", "FinetunePlan", "Candidate", "LoRALinear", "insert_lora", "attach_classifier",
-           "attach_lm_head", "Classifier", "NewHead", "RANKS"]
+__all__ = ["finetune", "FinetunePlan", "Candidate", "PartDecision", "FULL", "RANKS", "DATA_RANKS",
+           # re-exported from passes.adapters
+           "LoRALinear", "insert_lora", "attach_classifier", "attach_lm_head", "Classifier", "NewHead"]
 
-RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+RANKS = (1, 2, 4, 8, 16, 32, 64, 128)        # adapter ranks considered without task data
+DATA_RANKS = (4, 16, 64)                     # with task data (each block is costed at each of them)
+# With task data, blocks whose probe bought less than this share of the best block's drop stay frozen:
+# trained beside the block that matters they mostly fit the probe batches' noise, and they can take the
+# easy part of the loss before it does (measured: adapters on the later blocks kept the first block of
+# benchmarks/finetune.py's early task from learning its remap at lr 1e-3; it learns it alone).
+_MIN_SHARE = 0.5
+# A part whose probe removes at least this share of the loss left after the head's own training removes
+# all of it, as far as the probes can tell (what is left is their noise). When one part alone does, it
+# trains alone: more parts beside it would fit that noise and compete with it (measured: on the late task
+# of benchmarks/finetune.py every block removed 99-100% of the loss left, and the search, packing adapters
+# beside the first block in full, trained to 72% accuracy on one seed where the last block alone got 100%).
+_SATURATED = 0.95
 
-
-# -- adapters and heads (module level) ---------------------------------------------------------
-
-class LoRALinear(nn.Module):
-    """``base(x) + scale * B(A(x))``: a frozen linear layer (``nn.Linear`` or HF ``Conv1D``) and a
-    trainable low-rank update. ``B`` starts at zero, so the output starts unchanged."""
-
-    def __init__(self, base: nn.Module, rank: int, *, alpha: float | None = None):
-        super().__init__()
-        d_in, d_out = _linear_dims(base)
-        self.base = base
-        self.rank = rank
-        self.scale = (alpha if alpha is not None else 2 * rank) / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=w.dtype, device=w.device))
-        if not w.is_meta:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the same ops, in the same order, as insert_lora's graph rewrite (so the estimate is this step's)
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
-    def merged(self) -> nn.Module:
-        """The base layer with the update folded into its weight (for inference)."""
-        delta = (self.lora_B @ self.lora_A) * self.scale        # [out, in]
-        base = copy.deepcopy(self.base)
-        with torch.no_grad():
-            base.weight += delta if isinstance(base, nn.Linear) else delta.t()
-        return base
-
-
-class NewHead(nn.Linear):
-    """A freshly initialised output layer (``attach_classifier``, ``attach_lm_head``): always trains."""
-
-
-class Classifier(nn.Module):
-    """A backbone returning hidden states ``[batch, seq, d]``, pooled, then a ``NewHead``."""
-
-    def __init__(self, backbone: nn.Module, d_model: int, n_classes: int, pool: str):
-        super().__init__()
-        self.backbone = backbone
-        self.pool = pool
-        self.head = NewHead(d_model, n_classes)
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        hidden = _first_tensor(self.backbone(*args, **kwargs))
-        mask = kwargs.get("attention_mask")
-        return self.head(_pool(hidden, self.pool, mask))
-
-
-def attach_classifier(model: nn.Module, n_classes: int, *, pool: str = "mean", head: str | None = None) -> Classifier:
-    """Replace a model's output layer by pooling and a new ``n_classes`` classifier.
-
-    The output layer (``head``, or the HF output embeddings, or the last ``nn.Linear`` /
-    ``lm_head`` / ``head`` attribute) becomes ``nn.Identity``, so the model returns hidden
-    states; those are pooled over the sequence and classified. ``finetune`` always trains
-    the new classifier.
-
-    Args:
-        model: a sequence model returning ``[batch, seq, d]`` logits (or an HF output with ``.logits``).
-        n_classes: number of classes.
-        pool: "mean" (over positions, honouring an ``attention_mask`` keyword), "last"
-            (last unmasked position, for causal models) or "first" (the [CLS] position).
-        head: dotted name of the output layer to replace; None finds it.
-
-    Returns:
-        A ``Classifier``; calling it returns ``[batch, n_classes]`` logits.
-
-    Example:
-        >>> clf = attach_classifier(TinyGPT(), 3, pool="last")
-        >>> clf(torch.randint(0, 1000, (2, 8))).shape
-        torch.Size([2, 3])
-    """
-    if pool not in ("mean", "last", "first"):
-        raise ValueError(f"pool={pool!r}; use 'mean', 'last' or 'first'")
-    name, layer = _output_layer(model, head)
-    d_in, _ = _linear_dims(layer)
-    _set_submodule(model, name, nn.Identity())
-    clf = Classifier(model, d_in, n_classes, pool)
-    return clf.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def attach_lm_head(model: nn.Module, vocab_size: int, *, head: str | None = None) -> nn.Module:
-    """Give a language model a new, untied output vocabulary of ``vocab_size`` tokens (in place).
-
-    The input embeddings are left alone (a new vocabulary for outputs: new labels, a new
-    tokenizer's targets); the new head starts at N(0, 0.02) and ``finetune`` always trains it.
-
-    Returns:
-        ``model``, whose output layer is now a ``NewHead(d, vocab_size, bias=False)``.
-    """
-    name, layer = _output_layer(model, head)
-    d_in, _ = _linear_dims(layer)
-    new = NewHead(d_in, vocab_size, bias=False).to(device=layer.weight.device, dtype=layer.weight.dtype)
-    nn.init.normal_(new.weight, std=0.02)
-    _set_submodule(model, name, new)
-    return model
-
-
-def _pool(hidden: torch.Tensor, pool: str, mask: torch.Tensor | None) -> torch.Tensor:
-    if pool == "first":
-        return hidden[:, 0]
-    if mask is None:
-        return hidden.mean(1) if pool == "mean" else hidden[:, -1]
-    mask = mask.to(hidden.dtype)
-    if pool == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    last = (mask.sum(1).long() - 1).clamp(min=0)                          # right padding
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    return out[0]
-
-
-def _output_layer(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
-    modules = dict(model.named_modules())
-    if name is None and hasattr(model, "get_output_embeddings"):
-        out = model.get_output_embeddings()
-        name = next((n for n, m in modules.items() if m is out), None) if out is not None else None
-    if name is None:
-        name = next((n for n in ("lm_head", "head") if isinstance(modules.get(n), nn.Linear)), None)
-    if name is None:
-        name = next((n for n, m in reversed(modules.items()) if _is_linear(m)), None)
-    if name is None or name not in modules or not _is_linear(modules[name]):
-        raise ValueError(f"no linear output layer {name!r} in {type(model).__name__}; pass head='<dotted name>'")
-    return name, modules[name]
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"     # HF GPT-2's transposed linear
-
-
-def _linear_dims(m: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features): nn.Linear stores [out, in], HF Conv1D [in, out]."""
-    w = m.weight
-    return (w.shape[1], w.shape[0]) if isinstance(m, nn.Linear) else (w.shape[0], w.shape[1])
-
-
-# -- adapters (graph level) --------------------------------------------------------------------
-
-def insert_lora(gm: torch.fx.GraphModule, *, targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                scale: float) -> torch.fx.GraphModule:
-    """Add ``scale * (x @ A.T) @ B.T`` to the output of each target layer of a captured graph.
-
-    Args:
-        gm: a captured graph (``capture``) whose nodes carry ``nn_module_stack``.
-        targets: module path ("blocks.3.qkv") -> (A ``[r, in]``, B ``[out, r]``) parameters,
-            registered on ``gm`` as ``<path>.lora_A`` / ``<path>.lora_B``.
-        scale: the update's factor (``alpha / r``).
-
-    Returns:
-        ``gm``, rewritten in place and recompiled.
-    """
-    for path, (a, b) in targets.items():
-        inside = [n for n in gm.graph.nodes if n.op == "call_function" and _module_path(n) == path]
-        if not inside:
-            raise ValueError(f"insert_lora: no node of module {path!r} in the graph")
-        members = set(inside)
-        x = next(arg for n in inside for arg in n.all_input_nodes if arg not in members and arg.op != "get_attr")
-        out = inside[-1]
-        _assign(gm, f"{path}.lora_A", a)
-        _assign(gm, f"{path}.lora_B", b)
-        users = list(out.users)
-        with gm.graph.inserting_after(out):
-            get_a = gm.graph.get_attr(f"{path}.lora_A")
-        with gm.graph.inserting_after(get_a):
-            get_b = gm.graph.get_attr(f"{path}.lora_B")
-        with gm.graph.inserting_after(get_b):
-            down = gm.graph.call_function(torch.ops.aten.linear.default, (x, get_a))
-        with gm.graph.inserting_after(down):
-            up = gm.graph.call_function(torch.ops.aten.linear.default, (down, get_b))
-        with gm.graph.inserting_after(up):
-            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (up, scale))
-        with gm.graph.inserting_after(scaled):
-            total = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, scaled))
-        for node in (get_a, get_b, down, up, scaled, total):
-            node.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack", {}))
-        for user in users:
-            user.replace_input_with(out, total)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def _assign(root: nn.Module, target: str, param: torch.Tensor) -> None:
-    *parents, attr = target.split(".")
-    mod = root
-    for part in parents:
-        if not hasattr(mod, part):
-            mod.add_module(part, nn.Module())
-        mod = getattr(mod, part)
-    mod.register_parameter(attr, param)
-
-
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new graph over the same parameter tensors (a rewrite of the copy leaves ``gm`` alone)."""
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    new.meta.update(gm.meta)
-    return new
-
-
-# -- candidates and plan -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Candidate:
-    """What trains: ``n_blocks`` last blocks (all their parameters, or adapters of ``rank``), the head,
-    or everything (``full``)."""
-    n_blocks: int = 0
-    rank: int = 0               # 0: the blocks train in full; > 0: only rank-``rank`` adapters train
-    head: bool = True
-    full: bool = False
-    n_trainable_params: int = 0
-
-    def __post_init__(self):
-        if self.n_blocks < 0 or self.rank < 0:
-            raise ValueError(f"n_blocks and rank must be >= 0, got {self.n_blocks}, {self.rank}")
-
-    def describe(self) -> str:
-        if self.full:
-            return "full fine-tuning"
-        parts = []
-        if self.n_blocks and self.rank:
-            parts.append(f"rank-{self.rank} adapters on the last {self.n_blocks} block(s)")
-        elif self.n_blocks:
-            parts.append(f"the last {self.n_blocks} block(s)")
-        if self.head:
-            parts.append("the head")
-        return " + ".join(parts) or "nothing"
+class PartDecision:
+    """One row of a plan's table: a part, what the task data said of it, what it costs, what was decided."""
+    part: str
+    n_params: int
+    score: float | None           # held-out loss drop its probe bought beyond the head's (nats); None: no data
+    probed: str                   # how it was probed: "full", "rank 16", "" (not probed)
+    extra_bytes: int              # step peak over the head-only step, this part alone as decided (frozen: in full)
+    extra_time_s: float           # step time over the head-only step, likewise
+    decision: str                 # "full", "rank 16", "frozen", "trains (new head)", ...
+    why: str
 
 
 @dataclass(frozen=True)
 class FinetunePlan:
-    """Result of ``finetune``: what trains, the step's estimate, and the model ready to train."""
+    """Result of ``finetune``: what trains, why, the step's estimate, and the model ready to train."""
     candidate: Candidate
     trainable: tuple[str, ...]
     estimate: Estimate
     full_estimate: Estimate
     module: nn.Module = field(repr=False)
     memory_limit_bytes: int = 0
+    time_limit_s: float | None = None
     n_params: int = 0
-    n_costed: int = 0           # candidates estimated during the search
+    n_costed: int = 0                       # candidates estimated during the search
+    parts: tuple[PartDecision, ...] = ()
+    block_names: tuple[str, ...] = ()
+    scores: TaskScores | None = field(default=None, repr=False)
+    value: float | None = None              # sum of the chosen parts' values, at most the loss left (task data)
 
     def __post_init__(self):
         if self.estimate.peak_bytes > self.memory_limit_bytes:
             raise ValueError(f"plan peaks at {self.estimate.peak_bytes} B over its limit {self.memory_limit_bytes} B")
+        if self.time_limit_s is not None and self.estimate.time_s > self.time_limit_s:
+            raise ValueError(f"plan's step takes {self.estimate.time_s} s over its limit {self.time_limit_s} s")
 
     @property
     def n_trainable_params(self) -> int:
@@ -313,13 +109,30 @@ class FinetunePlan:
                  f"{est.peak_bytes / max(full.peak_bytes, 1):.1%}"),
                 ("step time", format_seconds(est.time_s), format_seconds(full.time_s),
                  f"{est.time_s / max(full.time_s, 1e-30):.1%}")]
+        limits = f"limit {format_bytes(self.memory_limit_bytes)}"
+        if self.time_limit_s is not None:
+            limits += f" and {format_seconds(self.time_limit_s)} per step"
+        how = "by the task's probes" if self.scores is not None else "by budget (no task data)"
         names = ", ".join(self.trainable[:6]) + (f", ... ({len(self.trainable)} tensors)"
                                                  if len(self.trainable) > 6 else "")
-        return "\n".join([
-            f"fine-tuning plan: {self.candidate.describe()} "
-            f"(limit {format_bytes(self.memory_limit_bytes)}, {est.optimizer or 'no optimizer'}, "
-            f"{self.n_costed} candidates costed)",
-            "", table(["", "this plan", "full fine-tuning", "ratio"], rows), "", f"trains: {names}"])
+        lines = [f"fine-tuning plan: {self.candidate.describe()} ({limits}, "
+                 f"{est.optimizer or 'no optimizer'}, chosen {how}, {self.n_costed} candidates costed)",
+                 "", table(["", "this plan", "full fine-tuning", "ratio"], rows)]
+        if self.parts:
+            lines += ["", self.part_table(), "+bytes, +time: the step's peak and time over the head-only step's "
+                      "when the part alone trains as decided (in full when frozen); the head's row: the head-only step"]
+        if self.scores is not None:
+            s = self.scores
+            lines += ["", f"score: held-out loss drop (nats) of {s.steps} AdamW steps (lr {s.lr:g}) of the part "
+                          f"and the head beyond the head's own, on {s.n_probe_batches} probe and "
+                          f"{s.n_held_out_batches} held-out batches ({format_seconds(s.time_s)} in all)"]
+        return "\n".join(lines + ["", f"trains: {names}"])
+
+    def part_table(self) -> str:
+        rows = [(p.part, format_count(p.n_params), "-" if p.score is None else f"{p.score:.3f}", p.probed or "-",
+                 format_bytes(p.extra_bytes), format_seconds(p.extra_time_s), p.decision, p.why) for p in self.parts]
+        return table(["part", "params", "score", "probed", "+bytes", "+time", "decision", "why"], rows,
+                     align="lrrlrrll")
 
     def __str__(self) -> str:
         return self.report()
@@ -331,36 +144,42 @@ class FinetunePlan:
         return {"candidate": self.candidate.__dict__, "trainable": list(self.trainable),
                 "peak_bytes": self.estimate.peak_bytes, "full_peak_bytes": self.full_estimate.peak_bytes,
                 "time_s": self.estimate.time_s, "full_time_s": self.full_estimate.time_s,
-                "memory_limit_bytes": self.memory_limit_bytes, "n_params": self.n_params}
+                "memory_limit_bytes": self.memory_limit_bytes, "time_limit_s": self.time_limit_s,
+                "n_params": self.n_params, "value": self.value, "parts": [p.__dict__ for p in self.parts]}
 
-
-# -- the pass ----------------------------------------------------------------------------------
 
 def finetune(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
-             memory_limit: int, optimizer: str | None = "adamw", loss_fn: Callable | None = None,
-             ranks: tuple[int, ...] = RANKS, device=None) -> FinetunePlan:
-    """Choose what trains (last blocks, head, low-rank adapters) so a training step fits ``memory_limit``.
-
-    Every candidate is costed with ``estimate(..., training=True, optimizer=optimizer)`` on one
-    capture of ``model``; the one training the most parameters within the limit is applied to
-    ``model`` in place: frozen parameters get ``requires_grad=False``, adapted layers become
-    ``LoRALinear`` (outputs unchanged until the adapters train).
+             memory_limit: int, time_limit: float | None = None, data: Iterable | None = None,
+             optimizer: str | None = "adamw", loss_fn: Callable | None = None, ranks: tuple[int, ...] | None = None,
+             device=None, probe_steps: int = 40, probe_lr: float = 1e-3,
+             scores: TaskScores | None = None) -> FinetunePlan:
+    """Choose what trains (blocks in full or through adapters, the head) so a step fits the budgets.
 
     Args:
         model: an ``nn.Module`` (possibly from ``attach_classifier`` / ``attach_lm_head``).
-        example_inputs, example_kwargs: the training batch.
+        example_inputs, example_kwargs: the training batch the budgets are for.
         memory_limit: bytes the step may peak at (parameters, gradients, optimizer state,
             activations, temporaries), as ``estimate`` computes it.
+        time_limit: seconds the step may take on ``device`` (the cost model's time); None: no limit.
+        data: a few batches of the target task, ``(inputs, target)`` pairs with ``inputs`` a
+            tuple like ``example_inputs``; non-tensor ``example_kwargs`` (flags such as
+            ``use_cache=False``) go with every batch. The blocks are probed on them (see the
+            module docstring); None chooses by budget alone.
         optimizer: "adamw", "sgd" or None.
-        loss_fn: reduces the model's outputs to the loss; None sums floating-point outputs.
-        ranks: adapter ranks to consider.
+        loss_fn: with ``data``, ``loss_fn(outputs, target)`` (the step is costed with the first
+            batch's target); without, ``loss_fn(outputs)``; None sums floating-point outputs.
+        ranks: adapter ranks to consider (default ``RANKS``, with data ``DATA_RANKS``).
         device: device spec for the estimate's times (None: this machine).
+        probe_steps, probe_lr: AdamW steps and learning rate of each probe; use the learning
+            rate you will fine-tune with.
+        scores: the ``plan.scores`` of an earlier call on the same model and data, to choose
+            under other budgets without probing again.
 
     Returns:
-        A ``FinetunePlan``.
+        A ``FinetunePlan``; ``plan.module`` is ``model``, ready to train.
 
     Raises:
-        ValueError: no candidate fits; the message names the smallest reachable peak.
+        ValueError: nothing fits; the message names the smallest reachable peak.
 
     Example:
         >>> model, inputs = tiny_gpt()
@@ -372,198 +191,179 @@ def finetune(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | 
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         raise TypeError(f"finetune() needs the eager nn.Module (it returns it ready to train), "
                         f"got {type(model).__name__}")
+    memory_limit = _positive("memory_limit", memory_limit)
+    time_limit = None if time_limit is None else _positive("time_limit", time_limit)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
-    search = _Search(model, args, kwargs, optimizer=optimizer, loss_fn=loss_fn, device=device,
-                     ranks=tuple(sorted(ranks)))
+    batches = None
+    if data is not None or scores is not None:
+        if loss_fn is None:
+            raise TypeError("finetune(data=...) needs loss_fn(outputs, target) to score the task's batches")
+        batches = list(data) if data is not None else None
+        if batches is not None and not args:
+            args = split_batches(batches)[0][0][0]
+    step_loss = _step_loss(loss_fn, batches)
+    space = Space(model, args, kwargs, optimizer=optimizer, loss_fn=step_loss, device=device)
+    ranks = space.usable_ranks(tuple(sorted(ranks or (DATA_RANKS if batches or scores else RANKS))))
+    value = None
     try:
-        best, est = search.best(int(memory_limit))
-        full_est = search.cost(search.full)
-    finally:
-        search.restore()
-    _apply(model, search, best)
-    trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-    return FinetunePlan(best, trainable, est, full_est, model, int(memory_limit),
-                        search.n_params, len(search.costs))
-
-
-class _Search:
-    """The candidates of one model and their estimates (cached), all on one capture."""
-
-    def __init__(self, model, args, kwargs, *, optimizer, loss_fn, device, ranks):
-        self.args, self.kwargs = args, kwargs
-        self.options = dict(training=True, optimizer=optimizer, loss_fn=loss_fn, device=device)
-        self.params = dict(model.named_parameters())                 # deduplicated: tied weights once
-        self.saved_flags = {n: p.requires_grad for n, p in self.params.items()}
-        self.n_params = sum(p.numel() for p in self.params.values())
-        self.gm = capture(model, args, kwargs)
-        self.blocks = _repeated_blocks(model)
-        self.n_blocks = n_blocks = len(self.blocks)
-        self.block_params, self.head_params = _groups(self.gm, self.params, self.blocks)
-        self.new_head = any(isinstance(m, NewHead) for m in model.modules())
-        self.linears = [[(_join(block, n), _linear_dims(m))
-                         for n, m in model.get_submodule(block).named_modules() if _is_linear(m)]
-                        for block in self.blocks]
-        self.ranks = tuple(r for r in ranks if all(r < min(d) for blk in self.linears for _, d in blk)) or ranks[:1]
-        self.full = Candidate(full=True, n_blocks=n_blocks, n_trainable_params=self.n_params)
-        self.costs: dict[Candidate, Estimate] = {}
-
-    def restore(self) -> None:
-        for n, p in self.params.items():
-            p.requires_grad_(self.saved_flags[n])
-
-    # candidates
-    def suffix(self, k: int) -> Candidate:
-        n = sum(self.params[p].numel() for p in self.trained_names(k, 0, True))
-        return Candidate(n_blocks=k, head=True, n_trainable_params=n)
-
-    def lora(self, k: int, r: int, head: bool) -> Candidate:
-        n = sum(r * (d_in + d_out) for blk in self.linears[self.n_blocks - k:] for _, (d_in, d_out) in blk)
-        n += sum(self.params[p].numel() for p in self.head_params) if head else 0
-        return Candidate(n_blocks=k, rank=r, head=head, n_trainable_params=n)
-
-    def trained_names(self, k: int, rank: int, head: bool) -> set[str]:
-        names = set(self.head_params) if head else set()
-        if not rank:
-            for i in range(self.n_blocks - k, self.n_blocks):
-                names |= self.block_params[i]
-        return names
-
-    # costing
-    def cost(self, cand: Candidate) -> Estimate:
-        if cand not in self.costs:
-            trained = set(self.params) if cand.full else self.trained_names(cand.n_blocks, cand.rank, cand.head)
-            for n, p in self.params.items():
-                p.requires_grad_(n in trained)
-            gm = self.gm
-            if cand.rank:
-                gm = _copy_graph_module(self.gm)
-                insert_lora(gm, targets=self._adapters(cand), scale=2.0)
-            self.costs[cand] = estimate(gm, self.args, self.kwargs, **self.options)
-        return self.costs[cand]
-
-    def _adapters(self, cand: Candidate) -> dict:
-        some = next(iter(self.params.values()))
-        targets = {}
-        for blk in self.linears[self.n_blocks - cand.n_blocks:]:
-            for path, (d_in, d_out) in blk:
-                targets[path] = (nn.Parameter(torch.zeros(cand.rank, d_in, dtype=some.dtype, device=some.device)),
-                                 nn.Parameter(torch.zeros(d_out, cand.rank, dtype=some.dtype, device=some.device)))
-        return targets
-
-    def fits(self, cand: Candidate, limit: int) -> bool:
-        return self.cost(cand).peak_bytes <= limit
-
-    # search
-    def best(self, limit: int) -> tuple[Candidate, Estimate]:
-        head_only = self.suffix(0)
-        head_fits = bool(self.head_params) and self.fits(head_only, limit)
-        ladder = [head_only] + [self.suffix(k) for k in range(1, self.n_blocks + 1)] + [self.full]
-        best = _last_fitting(ladder, lambda c: self.fits(c, limit)) if head_fits else None
-        if self.n_blocks and (head_fits or not self.new_head):
-            best = self._lora_frontier(limit, head=head_fits, best=best)
+        if batches is None and scores is None:
+            best = most_parameters(space, ranks, memory_limit, time_limit)
+        else:
+            best, scores, value = _by_task(space, model, batches, scores, loss_fn, kwargs, ranks,
+                                                     memory_limit, time_limit, probe_steps, probe_lr)
         if best is None:
-            raise ValueError(self._nothing_fits(limit))
-        return best, self.cost(best)
-
-    def _lora_frontier(self, limit: int, *, head: bool, best: Candidate | None) -> Candidate | None:
-        """Walk the staircase of the largest fitting rank per number of adapted blocks (it only falls
-        as blocks are added), costing only candidates that would train more than ``best``."""
-        top = len(self.ranks) - 1
-        for k in range(1, self.n_blocks + 1):
-            while top >= 0:
-                cand = self.lora(k, self.ranks[top], head)
-                if best is not None and cand.n_trainable_params <= best.n_trainable_params:
-                    break                   # this rank and every smaller one train no more than best
-                if self.fits(cand, limit):
-                    best = cand
-                    break
-                top -= 1
-            if top < 0:
-                break
-        return best
-
-    def _nothing_fits(self, limit: int) -> str:
-        smallest = []
-        if self.head_params:
-            smallest.append(self.suffix(0))
-        if self.n_blocks:
-            smallest.append(self.lora(1, self.ranks[0], head=False) if not self.new_head
-                            else self.lora(1, self.ranks[0], head=True))
-        if not smallest:
-            smallest.append(self.full)
-        cand = min(smallest, key=lambda c: self.cost(c).peak_bytes)
-        return (f"finetune: no candidate fits memory_limit={limit} B ({format_bytes(limit)}); the smallest "
-                f"reachable step peaks at {self.cost(cand).peak_bytes} B ({format_bytes(self.cost(cand).peak_bytes)}) "
-                f"training {cand.describe()}. Raise memory_limit, shrink the batch, or use recompute()")
+            raise ValueError(_nothing_fits(space, ranks, memory_limit, time_limit))
+        n_costed = len(space.costs)
+        est, full_est = space.cost(best), space.cost(space.full)
+        parts = _part_table(space, best, scores)
+    finally:
+        space.restore()
+    _apply(model, space, best)
+    trainable = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+    return FinetunePlan(best, trainable, est, full_est, model, memory_limit, time_limit, space.n_params,
+                        n_costed, parts, tuple(space.blocks), scores, value)
 
 
-def _last_fitting(ladder: list[Candidate], fits: Callable[[Candidate], bool]) -> Candidate | None:
-    """Binary search on a ladder whose peak memory only grows."""
-    lo, hi = 0, len(ladder) - 1
-    if not fits(ladder[lo]):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(ladder[mid]) else (lo, mid - 1)
-    return ladder[lo]
+def _by_task(space: Space, model, batches, scores, loss_fn, kwargs, ranks, memory_limit, time_limit,
+             probe_steps, probe_lr):
+    """Probe the blocks on the task's batches (unless ``scores`` are given), then search by value."""
+    head = bool(space.head_params) and space.fits(space.suffix(0), memory_limit, time_limit)
+    modes = [tuple(m for m in (FULL, *ranks) if space.fits(space.single(j, m, head), memory_limit, None))
+             for j in range(space.n_blocks)]
+    if scores is None:
+        # each block in full and through the largest adapters that fit it alone
+        probe_modes = {space.blocks[j]: tuple(m for m in (FULL, max([r for r in ms if r > 0], default=0)) if m in ms)
+                       for j, ms in enumerate(modes) if ms}
+        scores = probe_parts(model, batches, loss_fn,
+                             parts={b: sorted(space.block_params[j]) for j, b in enumerate(space.blocks) if b in probe_modes},
+                             head=sorted(space.head_params) if head else [], modes=probe_modes,
+                             linears={b: [p for p, _ in space.linears[j]] for j, b in enumerate(space.blocks)},
+                             ranks=ranks, steps=probe_steps, lr=probe_lr,
+                             kwargs={k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+    values = _values(space, scores, ranks)
+    cap = scores.reference_loss
+    best = best_value(space, values, modes, head, memory_limit, time_limit, cap=cap)
+    if best is None:
+        return None, scores, None
+    total = sum(values[j].get(m, 0.0) for j, m in enumerate(best.modes))
+    if not best.full and best.n_blocks > 1 and total >= _SATURATED * cap:
+        best = _one_part(space, values, modes, head, cap, memory_limit, time_limit) or best
+        total = sum(values[j].get(m, 0.0) for j, m in enumerate(best.modes))
+    # saturated plans count as removing all the loss left, so a larger budget never reports less
+    return best, scores, cap if total >= _SATURATED * cap else min(total, cap)
 
 
-def _repeated_blocks(model: nn.Module) -> list[str]:
-    """Paths of the children holding parameters of the longest ``nn.ModuleList`` (else ``nn.Sequential``)."""
-    for kind in (nn.ModuleList, nn.Sequential):
-        best: list[str] = []
-        for name, m in model.named_modules():
-            if type(m) is kind:
-                children = [_join(name, c) for c, mod in m.named_children() if any(True for _ in mod.parameters())]
-                if len(children) >= 2 and len(children) > len(best):
-                    best = children
-        if best:
-            return best
-    return []
+def _one_part(space: Space, values, modes, head: bool, cap: float, memory_limit: int,
+              time_limit: float | None) -> Candidate | None:
+    """The one block (in one mode) whose value alone removes the loss left, within the budgets: the
+    most capable mode (in full, then the largest rank), then the smallest peak, then the shortest step
+    (a later block: less backward); None: no one block does."""
+    enough = [space.single(j, m, head) for j in range(space.n_blocks) for m in modes[j]
+              if m != 0 and values[j].get(m, 0.0) >= _SATURATED * cap]
+    enough = [c for c in enough if space.fits(c, memory_limit, time_limit)]
+    capacity = lambda c: max(float("inf") if m == FULL else m for m in c.modes)  # noqa: E731
+    return min(enough, key=lambda c: (-capacity(c), space.cost(c).peak_bytes, space.cost(c).time_s), default=None)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
+def _values(space: Space, scores: TaskScores, ranks: tuple[int, ...]) -> list[dict[int, float]]:
+    """Per block, mode -> value; a block that buys under ``_MIN_SHARE`` of the best block's drop gets none."""
+    best = max([s.loss_drop for s in scores.parts.values()], default=0.0)
+    return [{m: scores.parts[b].value(m) for m in (FULL, *ranks)}
+            if b in scores.parts and scores.parts[b].loss_drop >= _MIN_SHARE * best > 0 else {}
+            for b in space.blocks]
 
 
-def _inside(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
+def _part_table(space: Space, best: Candidate, scores: TaskScores | None) -> tuple[PartDecision, ...]:
+    head = best.head or best.full
+    base = space.cost(space.make((0,) * space.n_blocks, True)) if space.head_params else None
+    rows = []
+    for j, block in enumerate(space.blocks):
+        mode = FULL if best.full else best.modes[j]
+        est = space.cost(space.single(j, mode if mode else FULL, best.head))
+        score = scores.parts.get(block) if scores is not None else None
+        n = sum(space.params[p].numel() for p in space.block_params[j])
+        rows.append(PartDecision(
+            part=block, n_params=n, score=None if scores is None else (score.loss_drop if score else 0.0),
+            probed="" if score is None else ", ".join(_mode_name(m) for m in score.drops),
+            extra_bytes=est.peak_bytes - (base.peak_bytes if base else 0),
+            extra_time_s=est.time_s - (base.time_s if base else 0.0),
+            decision=_mode_name(mode), why=_why(space, best, j, mode, scores, score)))
+    if space.head_params:
+        n = sum(space.params[p].numel() for p in space.head_params)
+        decision = "trains (new head)" if space.new_head else ("full" if head else "frozen")
+        rows.append(PartDecision("head: " + _short(sorted(space.head_params)), n, None, "",
+                                 base.peak_bytes if base else 0, base.time_s if base else 0.0, decision,
+                                 "a new head always trains" if space.new_head else
+                                 ("everything trains" if best.full else "part of every candidate")))
+    return tuple(rows)
 
 
-def _groups(gm: torch.fx.GraphModule, params: dict, blocks: list[str]):
-    """Parameter names per block, and the head: parameters outside the blocks last used after them."""
-    last_use, block_end = {}, -1
-    nodes = list(gm.graph.nodes)
-    for i, node in enumerate(nodes):
-        if node.op == "call_function" and any(_inside(_module_path(node), b) for b in blocks):
-            block_end = i
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                last_use[arg.target] = i
-    block_params = [{n for n in params if _inside(n, b)} for b in blocks]
-    in_blocks = set().union(*block_params) if block_params else set()
-    uses = {}
-    for target, i in last_use.items():
-        p = _get(gm, target)
-        if p is not None:
-            uses[id(p)] = max(uses.get(id(p), -1), i)
-    head = {n for n, p in params.items() if n not in in_blocks and uses.get(id(p), -1) > block_end}
-    return block_params, head
+def _why(space: Space, best: Candidate, j: int, mode: int, scores, score) -> str:
+    if best.full:
+        return "full fine-tuning fits"
+    if scores is None:
+        return "in the largest suffix that fits" if mode else "below the trained suffix"
+    if score is None:
+        return "does not fit even alone"
+    if mode == 0:
+        top = max(s.loss_drop for s in scores.parts.values())
+        if score.loss_drop <= 0:
+            return "bought nothing on the probe"
+        if score.loss_drop < _MIN_SHARE * top:
+            return f"bought under {_MIN_SHARE:.0%} of the best block's drop"
+        if best.n_blocks == 1:
+            k = next(i for i, m in enumerate(best.modes) if m != 0)
+            alone = scores.parts.get(space.blocks[k])
+            if alone is not None and alone.value(best.modes[k]) >= _SATURATED * scores.reference_loss:
+                return f"block {k} alone removes the loss left (>= {_SATURATED:.0%})"
+        return "other parts buy more for the budget"
+    return "its score is among the highest the budget buys"
 
 
-def _get(gm: nn.Module, target: str):
-    try:
-        return gm.get_parameter(target)
-    except AttributeError:
-        return None
+def _mode_name(mode: int) -> str:
+    return "full" if mode == FULL else "frozen" if mode == 0 else f"rank {mode}"
 
 
-def _apply(model: nn.Module, search: _Search, cand: Candidate) -> None:
+def _short(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)})" if len(names) > 3 else "")
+
+
+def _step_loss(loss_fn: Callable | None, batches: list | None) -> Callable | None:
+    """The one-argument loss the estimate calls: ``loss_fn(outputs, first target)`` with task data."""
+    if loss_fn is None or batches is None:
+        return loss_fn
+    target = split_batches(batches)[0][0][1]
+    return lambda outputs: loss_fn(outputs, target)
+
+
+def _positive(name: str, value) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return int(value) if name == "memory_limit" else float(value)
+
+
+def _nothing_fits(space: Space, ranks: tuple[int, ...], memory_limit: int, time_limit: float | None) -> str:
+    smallest = []
+    if space.head_params:
+        smallest.append(space.suffix(0))
+    if space.n_blocks:
+        smallest.append(space.suffix(1, ranks[0], head=space.new_head))
+    if not smallest:
+        smallest.append(space.full)
+    cand = min(smallest, key=lambda c: space.cost(c).peak_bytes)
+    est = space.cost(cand)
+    what = (f"no candidate fits memory_limit={memory_limit} B ({format_bytes(memory_limit)})"
+            + (f" and time_limit={time_limit} s" if time_limit is not None else ""))
+    return (f"finetune: {what}; the smallest reachable step peaks at {est.peak_bytes} B "
+            f"({format_bytes(est.peak_bytes)}) and takes {format_seconds(est.time_s)}, training "
+            f"{cand.describe()}. Raise the limits, shrink the batch, or use recompute()")
+
+
+def _apply(model: nn.Module, space: Space, cand: Candidate) -> None:
     """Make ``model`` train what ``cand`` says: flags on parameters, adapters around linear layers."""
-    trained = set(search.params) if cand.full else search.trained_names(cand.n_blocks, cand.rank, cand.head)
-    for n, p in search.params.items():
+    trained = set(space.params) if cand.full else space.trained_names(cand.modes, cand.head)
+    for n, p in space.params.items():
         p.requires_grad_(n in trained)
-    if cand.rank:
-        for blk in search.linears[search.n_blocks - cand.n_blocks:]:
-            for path, _ in blk:
-                _set_submodule(model, path, LoRALinear(model.get_submodule(path), cand.rank))
+    for blk, rank in zip(space.linears, cand.modes):
+        for path, _ in blk if rank > 0 and not cand.full else ():
+            set_submodule(model, path, LoRALinear(model.get_submodule(path), rank))

@@ -11,6 +11,15 @@ from passes.monitor import measure_step
 from passes.zoo import tiny_gpt
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a small shared machine: OpenMP threads waiting for each other cost more than the work."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
 def _gpt():
     torch.manual_seed(0)
     model, (idx,) = tiny_gpt(n_layers=4, d_model=32, n_heads=4, batch=2, seq=16, vocab_size=256)
@@ -103,3 +112,105 @@ def test_classifier_head_always_trains_and_pools():
     plan = finetune(clf, (idx,), memory_limit=full // 2, loss_fn=loss_fn)
     assert {"head.weight", "head.bias"} <= set(plan.trainable)
     assert measure_step(plan.module, (idx,), loss_fn=loss_fn).peak_bytes <= full // 2
+
+
+# -- with task data -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained():
+    from passes.zoo.tasks import pretrained_classifier
+    return pretrained_classifier(d_model=64, n_layers=4, steps=300)
+
+
+def _task_setup(pretrained, name, fraction):
+    import copy
+    from passes.zoo.tasks import TASKS
+    task = TASKS[name]
+    data = task.batches(8, 16, seed=1)
+    (x0,), y0 = data[0]
+    model = copy.deepcopy(pretrained)
+    full = estimate(model, (x0,), training=True, optimizer="adamw", loss_fn=lambda o: task.loss_fn(o, y0))
+    return model, task, data, x0, y0, int(fraction * full.peak_bytes), full
+
+
+def test_task_data_moves_training_to_the_block_the_task_needs(pretrained):
+    """Re-encoded inputs need the first block (where tokens are read); without data the budget buys a suffix."""
+    model, task, data, x0, y0, limit, _ = _task_setup(pretrained, "recoded", 0.7)
+    by_task = finetune(model, (x0,), memory_limit=limit, data=data, loss_fn=task.loss_fn)
+    model, *_ = _task_setup(pretrained, "recoded", 0.7)
+    by_budget = finetune(model, (x0,), memory_limit=limit, loss_fn=lambda o: task.loss_fn(o, y0))
+    assert by_budget.candidate.modes[0] == 0 and by_task.candidate.modes[0] != 0
+    scores = by_task.scores.parts
+    assert max(scores, key=lambda b: scores[b].loss_drop) == "backbone.blocks.0"
+    rows = {p.part: p for p in by_task.parts}
+    assert rows["backbone.blocks.0"].decision != "frozen" and rows["backbone.blocks.0"].score > 0
+    assert "backbone.blocks.0" in str(by_task) and "score" in str(by_task)
+
+
+def test_task_data_leaves_the_first_block_frozen_when_the_signal_is_late(pretrained):
+    model, task, data, x0, y0, limit, _ = _task_setup(pretrained, "xor", 0.7)
+    plan = finetune(model, (x0,), memory_limit=limit, data=data, loss_fn=task.loss_fn)
+    assert plan.candidate.modes[0] == 0 and any(plan.candidate.modes[1:])
+    assert measure_step(plan.module, (x0,), loss_fn=lambda o: task.loss_fn(o, y0)).peak_bytes <= limit
+    assert {n for n, p in plan.module.named_parameters() if p.requires_grad} == set(plan.trainable)
+
+
+def test_larger_budgets_never_buy_less_value(pretrained):
+    model, task, data, x0, y0, limit, full = _task_setup(pretrained, "recoded", 0.5)
+    first = finetune(model, (x0,), memory_limit=limit, data=data, loss_fn=task.loss_fn)
+    values, times = [first.value], []
+    for fraction in (0.75, 1.0):
+        model, *_ = _task_setup(pretrained, "recoded", fraction)
+        plan = finetune(model, (x0,), memory_limit=int(fraction * full.peak_bytes), data=data, loss_fn=task.loss_fn,
+                        scores=first.scores)
+        assert plan.estimate.peak_bytes <= fraction * full.peak_bytes
+        values.append(plan.value)
+    assert values == sorted(values) and plan.candidate.full                # the whole budget: full fine-tuning
+    for fraction in (0.8, 1.0):                                             # and the step-time budget
+        model, *_ = _task_setup(pretrained, "recoded", 1.0)
+        plan = finetune(model, (x0,), memory_limit=full.peak_bytes, time_limit=fraction * full.time_s, data=data,
+                        loss_fn=task.loss_fn, scores=first.scores)
+        assert plan.estimate.time_s <= fraction * full.time_s
+        times.append(plan.value)
+    assert times == sorted(times)
+
+
+def test_time_limit_without_data_trains_less_under_a_shorter_step(full_peak):
+    model, idx = _gpt()
+    full = estimate(model, (idx,), training=True, optimizer="adamw", loss_fn=_lm_loss(idx))
+    counts = []
+    for fraction in (0.7, 0.85, 1.0):
+        model, idx = _gpt()
+        plan = finetune(model, (idx,), memory_limit=full.peak_bytes, time_limit=fraction * full.time_s,
+                        loss_fn=_lm_loss(idx))
+        assert plan.estimate.time_s <= fraction * full.time_s
+        counts.append(plan.n_trainable_params)
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_task_data_needs_a_two_argument_loss():
+    model, idx = _gpt()
+    with pytest.raises(TypeError, match="loss_fn"):
+        finetune(model, (idx,), memory_limit=10**9, data=[((idx,), idx)])
+    with pytest.raises(TypeError, match=r"data\[0\]"):
+        finetune(model, (idx,), memory_limit=10**9, data=[idx], loss_fn=lambda out, target: out.sum())
+
+
+def test_when_one_block_alone_removes_the_loss_left_it_trains_alone():
+    """Scores saying every block removes all the loss left: one block in full (the last: the shortest backward)."""
+    from passes.finetune import FULL
+    from passes.task_probe import PartScore, TaskScores
+    model, idx = _gpt()
+    clf = attach_classifier(model, 2, pool="mean")
+    labels = torch.tensor([0, 1])
+    loss_fn = lambda logits, target: F.cross_entropy(logits, target)  # noqa: E731
+    blocks = [f"backbone.blocks.{i}" for i in range(4)]
+    scores = TaskScores(parts={b: PartScore(b, drops={FULL: 0.5}, raw_drops={FULL: 0.5}) for b in blocks},
+                        head_drop=0.0, reference_drop=0.0, start_loss=1.0, reference_loss=0.5, n_probe_batches=1,
+                        n_held_out_batches=1, steps=1, lr=1e-3, time_s=0.0)
+    full = estimate(clf, (idx,), training=True, optimizer="adamw", loss_fn=lambda o: loss_fn(o, labels)).peak_bytes
+    plan = finetune(clf, (idx,), memory_limit=int(0.9 * full), data=[((idx,), labels)], loss_fn=loss_fn,
+                    scores=scores)
+    assert plan.candidate.modes == (0, 0, 0, FULL) and not plan.candidate.full
+    assert plan.value == 0.5
+    assert "block 3 alone removes the loss left" in plan.part_table()
