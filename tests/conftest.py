@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from passes import capture, estimate, zoo
 from passes.zoo import Case
@@ -97,3 +98,13 @@ def module_estimates():
                                              optimizer="adamw" if training else None)
         return cache[name, training]
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a small shared machine: OpenMP threads waiting for each other cost more than the work.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)

@@ -11,13 +11,7 @@ from passes.monitor import measure_step
 from passes.zoo import tiny_gpt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a small shared machine: OpenMP threads waiting for each other cost more than the work."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _gpt():

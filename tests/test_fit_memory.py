@@ -11,13 +11,7 @@ from passes.zoo import make
 SIZES = {"gpt2": dict(n_layer=2, n_embd=128, seq=64, batch=4), "llama": dict(hidden=128, n_layers=2, seq=64, batch=4)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a small shared machine: OpenMP threads waiting for each other cost more than the work."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _case(name):
