@@ -42,6 +42,8 @@ def _case(name: str, batch: int):
         c = zoo.make("gpt2", n_embd=32, n_head=2, vocab=VOCAB, batch=batch, seq=8)
     elif name == "llama":     # 4 query heads share 2 KV heads
         c = zoo.make("llama", hidden=32, vocab=VOCAB, batch=batch, seq=8)
+    elif name in ("phi3", "falcon", "mixtral"):   # fused qkv / gate_up, x @ W.T, MoE experts
+        c = zoo.make(name, vocab=VOCAB, batch=batch, seq=8)
     else:
         raise ValueError(name)
     ids = c.args[0]

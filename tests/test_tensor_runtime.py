@@ -19,7 +19,7 @@ from runtime.launch import launch_local
 sys.path.insert(0, os.path.dirname(__file__))
 from test_runtime import N_STEPS, _case, _close, _sgd   # noqa: E402
 
-CASES = ("mlp", "gpt2", "llama", "moe")
+CASES = ("mlp", "gpt2", "llama", "moe", "phi3", "falcon", "mixtral")
 
 
 def _logits(out):
