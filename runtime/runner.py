@@ -88,15 +88,17 @@ class Runner:
         self._tied = self._tied_groups(plan.shared_params)
         self._grad_sync = None
         recompute = bool(plan.decisions.recompute)
-        self.module = split_by_block(graph, recompute=True) if recompute else graph
         if self.mesh["dp"] > 1 and plan.data_parallel == "shard":
             self.module = shard_module(graph, self.topology.device_mesh["dp"],
                                        reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute)
             whole = replicated_params(self.module)
             if whole:                                  # read by several blocks: replicated, gradients averaged
                 self._grad_sync = GradSync(whole, self.topology.group("dp"))
-        elif self.mesh["dp"] > 1:
-            self._grad_sync = GradSync(list(graph.parameters()), self.topology.group("dp"))
+        else:
+            # recomputed blocks run as units that share the graph's parameters, so GradSync hooks them alike
+            self.module = split_by_block(graph, recompute=True) if recompute else graph
+            if self.mesh["dp"] > 1:
+                self._grad_sync = GradSync(list(graph.parameters()), self.topology.group("dp"))
         pp = self.mesh["pp"]
         self.driver = StageDriver(self.module, graph=graph, stage=c.pp, n_stages=pp,
                                   prev_rank=self.topology.rank_of(pp=c.pp - 1) if c.pp > 0 else None,
