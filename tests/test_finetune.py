@@ -160,23 +160,29 @@ def test_larger_budgets_never_buy_less_value(pretrained):
         assert plan.estimate.peak_bytes <= fraction * full.peak_bytes
         values.append(plan.value)
     assert values == sorted(values) and plan.candidate.full                # the whole budget: full fine-tuning
-    for fraction in (0.8, 1.0):                                             # and the step-time budget
+    # The step-time budget, on a fixed device spec: times measured on this machine's CPU would make how
+    # much a fraction of the full step buys depend on the machine the test runs on.
+    full = estimate(model, (x0,), training=True, optimizer="adamw", loss_fn=lambda o: task.loss_fn(o, y0),
+                    device="h100")
+    for fraction in (0.8, 1.0):
         model, *_ = _task_setup(pretrained, "recoded", 1.0)
         plan = finetune(model, (x0,), memory_limit=full.peak_bytes, time_limit=fraction * full.time_s, data=data,
-                        loss_fn=task.loss_fn, scores=first.scores)
+                        loss_fn=task.loss_fn, scores=first.scores, device="h100")
         assert plan.estimate.time_s <= fraction * full.time_s
         times.append(plan.value)
     assert times == sorted(times)
 
 
 def test_time_limit_without_data_trains_less_under_a_shorter_step(full_peak):
+    """On a fixed device spec (h100): the measured CPU spec of the machine running the test would move how much
+    of the full step the cheapest candidate takes (0.69 here, 0.72 on another), and with it which fractions fit."""
     model, idx = _gpt()
-    full = estimate(model, (idx,), training=True, optimizer="adamw", loss_fn=_lm_loss(idx))
+    full = estimate(model, (idx,), training=True, optimizer="adamw", loss_fn=_lm_loss(idx), device="h100")
     counts = []
-    for fraction in (0.7, 0.85, 1.0):
+    for fraction in (0.8, 0.9, 1.0):
         model, idx = _gpt()
         plan = finetune(model, (idx,), memory_limit=full.peak_bytes, time_limit=fraction * full.time_s,
-                        loss_fn=_lm_loss(idx))
+                        loss_fn=_lm_loss(idx), device="h100")
         assert plan.estimate.time_s <= fraction * full.time_s
         counts.append(plan.n_trainable_params)
     assert counts == sorted(counts) and counts[0] < counts[-1]
