@@ -30,7 +30,8 @@ def mesh_caption(plan) -> str:
     parts = [f"mesh dp{mesh['dp']} x tp{mesh['tp']} x pp{mesh['pp']} = {plan.n_devices} x "
              f"{getattr(plan.device, 'name', plan.device)}"]
     if mesh["pp"] > 1:
-        parts.append(f"{mesh['pp']} stages ({plan.schedule}, {plan.n_microbatches} micro-batches)")
+        per = f", {plan.n_virtual} per rank" if plan.n_virtual > 1 else ""
+        parts.append(f"{len(plan.stages)} stages ({plan.schedule}{per}, {plan.n_microbatches} micro-batches)")
     if mesh["tp"] > 1:
         parts.append(f"{mesh['tp']} tensor shards per stage")
     if mesh["dp"] > 1:
@@ -244,16 +245,16 @@ def schedule_timeline(plan, path: str | Path | None = None, *, schedule: str | N
     Args:
         plan: a ``Plan``.
         path: .png/.svg (matplotlib), .json (Chrome trace: chrome://tracing, Perfetto) or .txt; None: nothing.
-        schedule: "1f1b" or "gpipe"; None: the plan's.
-        n_microbatches: None: the plan's, at least one per stage (so the pipeline fills).
+        schedule: "1f1b", "gpipe" or "interleaved-1f1b" (a plan with several stages per rank); None: the plan's.
+        n_microbatches: None: the plan's, at least one per pipeline rank (so the pipeline fills).
 
     Returns:
         The ``partitioner.schedules.Timeline`` (bubble fraction, in-flight micro-batches per stage).
     """
     from .schedules import format_schedule, make_schedule, simulate, to_chrome_trace
-    n = len(plan.stages)
+    n, v = plan.mesh["pp"], plan.n_virtual
     n_mb = n_microbatches or max(plan.n_microbatches, n)
-    actions = make_schedule(schedule or plan.schedule, n, n_mb)
+    actions = make_schedule(schedule or plan.schedule, n, n_mb, v)
     fwd, bwd = zip(*(_stage_times(stage) for stage in plan.stages))
     timeline = simulate(actions, [t / n_mb for t in fwd], [t / n_mb for t in bwd])
     suffix = str(path).rsplit(".", 1)[-1].lower() if path is not None else ""
@@ -284,8 +285,10 @@ def _timeline_matplotlib(plan, timeline, path, schedule: str, n_microbatches: in
             ax.barh(s, (sp.end_s - sp.start_s) * 1e3, left=sp.start_s * 1e3, color=color,
                     alpha=1.0 if sp.action.kind == "F" else 0.55, edgecolor="black", lw=0.5,
                     hatch=None if sp.action.kind == "F" else "//")
-            ax.text((sp.start_s + sp.end_s) / 2 * 1e3, s, str(sp.action), ha="center", va="center", fontsize=7)
-    ax.set(yticks=range(len(timeline.spans)), yticklabels=[f"stage {s}" for s in range(len(timeline.spans))],
+            label = str(sp.action) if sp.action.stage == s else f"{sp.action}.{sp.action.stage}"
+            ax.text((sp.start_s + sp.end_s) / 2 * 1e3, s, label, ha="center", va="center", fontsize=7)
+    rows = [f"stage {s}" if plan.n_virtual == 1 else f"pp rank {s}" for s in range(len(timeline.spans))]
+    ax.set(yticks=range(len(timeline.spans)), yticklabels=rows,
            xlabel="ms", title=f"{schedule}, {n_microbatches} micro-batches: step {format_seconds(timeline.total_s)}, "
                               f"bubble {max(timeline.bubble_fraction):.0%} (F solid, B hatched)")
     ax.invert_yaxis()

@@ -67,8 +67,9 @@ class ComputeOrder:
     def crossing(self) -> tuple[list[int], list[int], list[bool]]:
         """Per cut position 0..n: bytes crossing, float bytes crossing (gradients flow back), and
         whether the cut is allowed: every crossing value is a tensor (not a tuple or a scalar) or a
-        symbolic size the next stage can recompute, and the node before it produces a tensor (a
-        guard or an assert stays with what follows, so no stage is made of checks alone)."""
+        symbolic size the next stage can recompute, the node before it produces a tensor (a
+        guard or an assert stays with what follows, so no stage is made of checks alone), and no
+        tensor-parallel collective is between its issue and its ``wait_tensor``."""
         n = len(self.nodes)
         total = [0] * (n + 2)
         floats = [0] * (n + 2)
@@ -115,6 +116,11 @@ class ComputeOrder:
                     ok[k] = False
         for k in range(1, n):
             ok[k] = ok[k] and bool(tensors_of(node_value(self.nodes[k - 1])))
+        for k, node in enumerate(self.nodes):     # a collective and the wait that completes it stay together
+            if node.op == "call_function" and "wait_tensor" in str(node.target):
+                issued = [self.position[a] for a in node.all_input_nodes if a in self.position]
+                for j in range(min(issued, default=k) + 1, k + 1):
+                    ok[j] = False
         ok[0] = ok[n] = True
         return out_total, out_floats, ok
 

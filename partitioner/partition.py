@@ -25,6 +25,7 @@ from passes.devices import DeviceSpec, get_device_spec
 from .build import anchors_of, build_stages, param_table, positions_of, shared_params, state_keys
 from .pipeline import BALANCES, SCHEDULES, memory_model
 from .plan import AXES, DP_MODES, PLAN_FORMAT, Decisions, Plan
+from .schedules import INTERLEAVED
 from .search import Candidate, Planner, meshes, search
 
 __all__ = ["partition", "load_plan", "STRATEGIES"]
@@ -39,7 +40,7 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
               device: "str | DeviceSpec | None" = None, devices_per_node: int = 8, memory_limit: int | None = None,
               training: bool = True, n_microbatches: int | None = None, schedule: str | None = None,
               optimizer: str | None = "adamw", balance: str = "time", cuts: Sequence[str] | None = None,
-              recompute: bool | None = None) -> Plan:
+              recompute: bool | None = None, n_virtual: int | None = None) -> Plan:
     """The fastest way to run ``model`` on ``n_devices``: a mesh ``dp x tp x pp`` and everything under it.
 
     Every candidate is scored by the simulated step of the global batch (compute, the
@@ -61,7 +62,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
         memory_limit: bytes per device; None means the device's memory.
         training: plan a training step (backward, gradients, optimizer state) or inference.
         n_microbatches: micro-batches per data-parallel replica and step; None lets the planner choose.
-        schedule: "1f1b" or "gpipe"; None lets the planner choose.
+        schedule: "1f1b", "gpipe" or "interleaved-1f1b" (each pipeline rank holds 2 or 4 stages, cut
+            from the model as ``pp * v``; rank r holds stages r, r + pp, ...); None lets the planner choose.
         optimizer: "adamw", "sgd" or None: its state counts toward each device's memory.
         balance: "time" (compute + communication on ``device``) or "flops" for the pipeline cuts.
         cuts: pin the pipeline cuts yourself: node names or module paths (cut where the module
@@ -69,6 +71,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
         recompute: recompute every block's activations in backward (full activation checkpointing per
             block; the runtime applies it): None where a candidate's activations do not fit otherwise,
             True always, False never.
+        n_virtual: pipeline stages per pp rank with interleaved 1F1B (2 or more; 1: no interleaving);
+            None lets the planner choose among 1, 2 and 4.
 
     Returns:
         A ``Plan``: ``plan(*inputs)`` runs it, ``plan.report()`` explains it, ``plan.candidates``
@@ -86,6 +90,18 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     """
     fixed = _check_args(n_devices, strategy, mesh, data_parallel, schedule, balance, optimizer, memory_limit,
                         n_microbatches, cuts)
+    if n_virtual is not None and (not isinstance(n_virtual, int) or isinstance(n_virtual, bool) or n_virtual < 1 or
+                                  (n_virtual > 1 and schedule not in (None, INTERLEAVED)) or
+                                  (n_virtual == 1 and schedule == INTERLEAVED)):
+        raise ValueError(f"n_virtual={n_virtual!r} with schedule={schedule!r}: give 2 or more stages per pipeline rank "
+                         f"with schedule={INTERLEAVED!r} (or None), or 1 with '1f1b' / 'gpipe'")
+    if n_virtual is not None and n_virtual > 1:
+        schedule = INTERLEAVED
+    if schedule == INTERLEAVED and (cuts is not None or not training):
+        raise ValueError(f"schedule={INTERLEAVED!r} " + ("chooses its own pp x v cuts; pin cuts with '1f1b' or "
+                                                         "'gpipe'" if cuts is not None else
+                                                         "is a training schedule; inference runs forwards only "
+                                                         "(leave schedule=None)"))
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     spec = agreed_device_spec(device)
     # a model on the meta device only plans (its plan is applied to real weights by load_plan, which
@@ -108,7 +124,8 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     start = time.perf_counter()
     try:
         best, tried = search(planner, candidate_meshes, n_microbatches=n_microbatches, schedule=schedule,
-                             data_parallel=data_parallel, positions=positions, recompute=recompute)
+                             data_parallel=data_parallel, positions=positions, recompute=recompute,
+                             n_virtual=n_virtual)
     except ValueError as exc:
         raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
     best = _refined(planner, best, positions)
@@ -126,9 +143,10 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
     mesh, m = best.mesh, best.n_microbatches
     g = planner.graphs(mesh["tp"], best.recompute)
     costs_mb = g.costs.at_fraction(1.0 / (mesh["dp"] * m))
-    memory_of = memory_model(costs_mb, mesh["pp"], training=planner.training, schedule=best.schedule,
+    memory_of = memory_model(costs_mb, mesh["pp"] * best.n_virtual, training=planner.training, schedule=best.schedule,
                              n_microbatches=m, optimizer=planner.optimizer, dp=mesh["dp"], dp_mode=best.data_parallel,
-                             unit_param_bytes=g.unit_param_bytes, precision=planner.precision)
+                             unit_param_bytes=g.unit_param_bytes, precision=planner.precision,
+                             n_virtual=best.n_virtual)
     shards = g.shards                                   # every tp rank's graph (built now, for the winner only)
     cut_graph = shards[0] if shards else planner.gm
     positions = list(best.positions)
@@ -139,14 +157,15 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
         sharding=g.info.decisions() if g.info is not None else None, schedule=best.schedule, n_microbatches=m,
         data_parallel=best.data_parallel, training=planner.training, optimizer=planner.optimizer,
         memory_limit=planner.memory_limit, balance=planner.balance, device=planner.spec,
-        devices_per_node=planner.devices_per_node, precision=planner.precision, recompute=best.recompute)
+        devices_per_node=planner.devices_per_node, precision=planner.precision, recompute=best.recompute,
+        n_virtual=best.n_virtual)
     gm = planner.gm
     modules = [s.module for s in stages]
     info = getattr(gm.graph._codegen, "pytree_info", None)
     times = g.costs.node_time
     return Plan(decisions=decisions, stages=stages, cost=best.cost, signature=signature_of(gm),
                 out_spec=info.out_spec if info else None, model=name,
-                lower_bound_s=max(float(times.sum()) / mesh["pp"], float(times.max(initial=0.0))),
+                lower_bound_s=max(float(times.sum()) / len(stages), float(times.max(initial=0.0))),
                 shared_params=shared_params(modules, gm),
                 state_keys=state_keys(model, modules) if model is not gm else {},
                 params=param_table(model), sharding=g.info, candidates=tuple(tried))
@@ -158,7 +177,7 @@ def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
     if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
         return best
     fine = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, near=best.positions,
-                            recompute=best.recompute)
+                            recompute=best.recompute, n_virtual=best.n_virtual)
     return fine if fine.fits and fine.step_time_s <= best.step_time_s else best
 
 
@@ -361,7 +380,7 @@ def load_plan(path: str, model: nn.Module, example_inputs: Any = (), example_kwa
         # replica's micro-batch as that share of it
         planner.batch = mesh["dp"] * m
     best = planner.evaluate(mesh, m, decisions.schedule, decisions.data_parallel, positions=positions,
-                            recompute=decisions.recompute)
+                            recompute=decisions.recompute, n_virtual=decisions.n_virtual)
     best = dataclasses.replace(best, n_microbatches=decisions.n_microbatches)
     if not best.fits:
         raise ValueError(f"the plan in {path} does not apply to {type(model).__name__}: {best.reason}")

@@ -9,6 +9,7 @@ dynamic programme over cut positions, vectorised over the stage's start.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch.fx
 from passes._keys import COST
 from passes._util import block_path, fetch_attr, format_bytes, module_path, tensor_bytes
 from .graph_split import ComputeOrder
+from .schedules import INTERLEAVED, in_flight_by_stage, make_schedule
 
 __all__ = ["PipelineCosts", "solve_cuts", "unit_boundaries", "memory_model", "stage_memory", "state_per_param_byte", "lower_bound",
            "in_flight", "explain_memory",
@@ -26,7 +28,7 @@ __all__ = ["PipelineCosts", "solve_cuts", "unit_boundaries", "memory_model", "st
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", INTERLEAVED)
 BALANCES = ("time", "flops")
 OPT_STATE_PER_PARAM = {None: 0, "sgd": 0, "adamw": 2}
 
@@ -259,12 +261,13 @@ def unit_boundaries(order: ComputeOrder) -> np.ndarray:
 
 def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedule: str, n_microbatches: int,
                  optimizer: str | None, dp: int = 1, dp_mode: str = "replicate", unit_param_bytes: float = 0.0,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", n_virtual: int = 1):
     """``memory_of(stage, starts, end)``: a stage's bytes per device for every start in ``starts`` (numpy).
 
     ``costs`` are those of one micro-batch (``PipelineCosts.at_fraction``); ``dp``/``dp_mode`` say how
     the parameter state is held; ``unit_param_bytes`` is the largest block's parameters (what a
-    sharded data-parallel stage gathers at a time when it reshards after each block).
+    sharded data-parallel stage gathers at a time when it reshards after each block). With interleaved
+    1F1B (``n_stages = pp * n_virtual``) a device holds ``n_virtual`` stages: its memory is their sum.
     """
     crossing = np.array(costs.crossing_bytes, dtype=np.float64)
 
@@ -274,15 +277,27 @@ def memory_model(costs: PipelineCosts, n_stages: int, *, training: bool, schedul
         return stage_memory(params, buffers, costs.saved[end] - costs.saved[starts], transient,
                             crossing[starts] + crossing[end], stage, n_stages, training=training,
                             schedule=schedule, n_microbatches=n_microbatches, optimizer=optimizer, dp=dp,
-                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes, precision=precision)
+                            dp_mode=dp_mode, unit_param_bytes=unit_param_bytes, precision=precision,
+                            n_virtual=n_virtual)
     return memory_of
 
 
-def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int) -> int:
-    """Micro-batches whose activations a stage holds at once: 1F1B keeps p - s (at most m), GPipe all m."""
+def in_flight(stage: int, n_stages: int, *, schedule: str, n_microbatches: int, n_virtual: int = 1) -> int:
+    """Micro-batches whose activations a stage holds at once: 1F1B keeps p - s (at most m), GPipe all m;
+    interleaved 1F1B (``n_stages = p * n_virtual``) what its rank's warm-up leaves in flight on it."""
     if schedule == "gpipe":
         return n_microbatches
+    if schedule == INTERLEAVED:
+        return _interleaved_in_flight(n_stages // n_virtual, n_microbatches, n_virtual)[stage]
     return min(n_stages - stage, n_microbatches)
+
+
+@functools.lru_cache(maxsize=256)
+def _interleaved_in_flight(pp: int, m: int, v: int) -> tuple[int, ...]:
+    peaks: dict[int, int] = {}
+    for actions in make_schedule(INTERLEAVED, pp, m, v):
+        peaks.update(in_flight_by_stage(actions))
+    return tuple(peaks[s] for s in range(pp * v))
 
 
 def state_per_param_byte(optimizer: str | None, precision: str) -> float:
@@ -301,7 +316,8 @@ def state_per_param_byte(optimizer: str | None, precision: str) -> float:
 
 def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossing_bytes, stage, n_stages, *,
                  training: bool, schedule: str, n_microbatches: int, optimizer: str | None, dp: int = 1,
-                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0, precision: str = "fp32"):
+                 dp_mode: str = "replicate", unit_param_bytes: float = 0.0, precision: str = "fp32",
+                 n_virtual: int = 1):
     """Bytes one device needs for a stage (works on numpy arrays too); activations are one micro-batch's.
 
     Training: parameters, their gradients and optimizer state (replicated: all of them; sharded
@@ -318,7 +334,7 @@ def stage_memory(param_bytes, buffer_bytes, saved_bytes, transient_bytes, crossi
     if dp_mode == "shard" and dp > 1:
         gathered = 2 * param_bytes if n_stages > 1 else 2 * np.minimum(unit_param_bytes or param_bytes, param_bytes)
         state = state / dp + gathered
-    inflight = in_flight(stage, n_stages, schedule=schedule, n_microbatches=m)
+    inflight = in_flight(stage, n_stages, schedule=schedule, n_microbatches=m, n_virtual=n_virtual)
     return state + buffer_bytes + inflight * saved_bytes + transient_bytes + 2 * crossing_bytes
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_unflatten
 
+from .schedules import INTERLEAVED
+
 __all__ = ["Plan", "Stage", "StageShard", "StageCost", "PlanCost", "AxisCost", "Decisions", "PLAN_FORMAT", "AXES",
            "DP_MODES", "split_batch", "concat_outputs"]
 
@@ -51,6 +53,7 @@ class Decisions:
     devices_per_node: int = 8
     precision: str = "fp32"            # "mixed": half-precision parameters, fp32 gradients, master weights, moments
     recompute: bool = False            # every block's activations recomputed in backward (the runtime applies it)
+    n_virtual: int = 1                 # pipeline stages per pp rank (interleaved 1F1B: rank r holds r, r + pp, ...)
 
     def __post_init__(self):
         if set(self.mesh) != set(AXES) or not all(isinstance(v, int) and v >= 1 for v in self.mesh.values()):
@@ -59,8 +62,18 @@ class Decisions:
             raise ValueError(f"data_parallel={self.data_parallel!r}: use one of {DP_MODES}")
         if not isinstance(self.n_microbatches, int) or self.n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {self.n_microbatches!r}")
-        if len(self.cuts) != self.mesh["pp"] - 1:
-            raise ValueError(f"a mesh with pp={self.mesh['pp']} needs {self.mesh['pp'] - 1} cuts, got {len(self.cuts)}")
+        if not isinstance(self.n_virtual, int) or self.n_virtual < 1 or (self.n_virtual > 1) != \
+                (self.schedule == INTERLEAVED):
+            raise ValueError(f"n_virtual={self.n_virtual!r} stages per pipeline rank with schedule={self.schedule!r}: "
+                             f"interleaved-1f1b holds 2 or more, every other schedule 1")
+        if len(self.cuts) != self.n_stages - 1:
+            raise ValueError(f"a mesh with pp={self.mesh['pp']} and {self.n_virtual} stage(s) per rank needs "
+                             f"{self.n_stages - 1} cuts, got {len(self.cuts)}")
+
+    @property
+    def n_stages(self) -> int:
+        """Pipeline stages: ``pp`` times the stages each pipeline rank holds."""
+        return self.mesh["pp"] * self.n_virtual
 
     @property
     def n_devices(self) -> int:
@@ -162,9 +175,9 @@ class PlanCost:
     """The simulated step of the global batch on the mesh, and memory per device."""
     step_time_s: float
     peak_bytes: int                       # the largest per-device peak
-    stage_peak_bytes: tuple[int, ...]     # per pipeline stage (every device of a stage holds the same)
-    compute_s: float                      # the busiest stage's compute per step
-    bubble_fraction: float                # idle share of the busiest stage in the schedule
+    stage_peak_bytes: tuple[int, ...]     # per pipeline rank (every device of a rank's stages holds the same)
+    compute_s: float                      # the busiest pipeline rank's compute per step
+    bubble_fraction: float                # idle share of the busiest pipeline rank in the schedule
     optimizer_s: float
     axes: tuple[AxisCost, ...] = ()
 
@@ -190,7 +203,7 @@ class Plan:
     signature: Any = None                 # passes.signature.InputSignature of the captured graph
     out_spec: Any = None
     model: str = ""
-    lower_bound_s: float = 0.0            # max(total / pp, largest node): no cut can beat it
+    lower_bound_s: float = 0.0            # max(total / stages, largest node): no cut can beat it
     shared_params: dict = field(default_factory=dict)   # tied parameter -> stages holding it
     state_keys: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)          # model parameter name -> [shape, dtype]: what the plan depends on
@@ -200,8 +213,9 @@ class Plan:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("a plan needs at least one stage")
-        if len(self.stages) != self.decisions.mesh["pp"]:
-            raise ValueError(f"the mesh has pp={self.decisions.mesh['pp']} but the plan has {len(self.stages)} stages")
+        if len(self.stages) != self.decisions.n_stages:
+            raise ValueError(f"the mesh has pp={self.decisions.mesh['pp']} with {self.decisions.n_virtual} stage(s) per "
+                             f"rank but the plan has {len(self.stages)} stages")
 
     # -- the decisions, read through ------------------------------------------------------------
     @property
@@ -231,6 +245,11 @@ class Plan:
     @property
     def n_microbatches(self) -> int:
         return self.decisions.n_microbatches
+
+    @property
+    def n_virtual(self) -> int:
+        """Pipeline stages each pp rank holds: 1, or ``v`` with interleaved 1F1B (rank r: stages r, r + pp, ...)."""
+        return self.decisions.n_virtual
 
     @property
     def data_parallel(self) -> str:

@@ -16,12 +16,14 @@ def plan_report(plan) -> str:
             f"{getattr(plan.device, 'name', plan.device)}: mesh dp={mesh['dp']} x tp={mesh['tp']} x pp={mesh['pp']}, "
             f"{'training' if plan.training else 'inference'}"
             + (f", schedule {plan.schedule}" if mesh["pp"] > 1 else "")
+            + (f" ({plan.n_virtual} stages per pipeline rank: rank r holds stages r, r + {mesh['pp']}, ...)"
+               if plan.n_virtual > 1 else "")
             + f", {plan.n_microbatches} micro-batch{'es' if plan.n_microbatches > 1 else ''} per replica"
             + (f", data parallel: {plan.data_parallel}" if mesh["dp"] > 1 else "")
             + (", every block recomputed in backward" if plan.decisions.recompute else ""))
     c = plan.cost
     lines = [head, "",
-             f"step (simulated, global batch): {format_seconds(c.step_time_s)}; busiest stage computes "
+             f"step (simulated, global batch): {format_seconds(c.step_time_s)}; busiest pipeline rank computes "
              f"{format_seconds(c.compute_s)}, bubble {c.bubble_fraction:.1%}, optimizer {format_seconds(c.optimizer_s)}; "
              f"peak memory per device {format_bytes(c.peak_bytes)}", "", _stage_table(plan)]
     if plan.mesh["tp"] > 1:
@@ -46,13 +48,18 @@ def plan_report(plan) -> str:
 
 def _stage_table(plan) -> str:
     rows = []
+    pp, many = plan.mesh["pp"], plan.n_virtual > 1
     for s in plan.stages:
         c = s.cost
-        rows.append((s.index, c.n_nodes, f"{s.first_node} .. {s.last_node}", format_bytes(c.param_bytes),
-                     format_count(c.flops), format_count(c.backward_flops), format_seconds(c.time_s),
-                     format_seconds(c.comm_s), format_bytes(c.memory_bytes), format_bytes(c.bytes_in)))
-    return table(["stage", "nodes", "span", "params", "FLOPs", "bwd FLOPs", "time", "comm", "memory", "bytes in"],
-                 rows, align="rrlrrrrrrr")
+        rows.append(((s.index % pp,) if many else ()) + (
+                    s.index, c.n_nodes, f"{s.first_node} .. {s.last_node}", format_bytes(c.param_bytes),
+                    format_count(c.flops), format_count(c.backward_flops), format_seconds(c.time_s),
+                    format_seconds(c.comm_s), format_bytes(c.memory_bytes), format_bytes(c.bytes_in)))
+    head = ["stage", "nodes", "span", "params", "FLOPs", "bwd FLOPs", "time", "comm", "memory", "bytes in"]
+    out = table((["pp rank"] if many else []) + head, rows, align=("r" if many else "") + "rrlrrrrrrr")
+    if many:
+        out += "\n(memory: the stage's share; a pp rank holds the sum of its stages')"
+    return out
 
 
 def _shard_table(plan) -> str:

@@ -1,9 +1,13 @@
 """Pipeline schedules as data: one list of actions per stage, which the runtime interprets.
 
-Reads nothing; writes nothing. An ``Action`` is ``(stage, kind, microbatch)`` with the
-compact text form ``"F2"`` / ``"B0"``. ``simulate`` lays a schedule out in time on one
-CPU (no processes) and ``to_chrome_trace`` exports that timeline for ``chrome://tracing``
-or Perfetto.
+Reads nothing; writes nothing. A schedule is one list of actions per pipeline rank; an
+``Action`` is ``(stage, kind, microbatch)`` with the compact text form ``"F2"`` / ``"B0"``
+(``"3F2"`` when a rank holds several stages). With GPipe and 1F1B rank ``r`` holds stage ``r``;
+interleaved 1F1B (Megatron-LM's, ``torch.distributed.pipelining.ScheduleInterleaved1F1B``)
+cuts the model into ``v`` times as many stages and rank ``r`` holds stages ``r, r + p, ...``,
+which divides the pipeline's fill and drain by ``v`` for ``v`` times the sends. ``simulate`` lays
+a schedule out in time on one CPU (no processes) and ``to_chrome_trace`` exports that
+timeline for ``chrome://tracing`` or Perfetto.
 
 >>> sched = one_f_one_b(2, 4)
 >>> format_schedule(sched)
@@ -16,8 +20,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-__all__ = ["Action", "Span", "Timeline", "gpipe", "one_f_one_b", "SCHEDULES", "make_schedule", "format_schedule",
-           "parse_schedule", "simulate", "peak_in_flight", "to_chrome_trace"]
+__all__ = ["Action", "Span", "Timeline", "gpipe", "one_f_one_b", "interleaved_1f1b", "SCHEDULES", "INTERLEAVED",
+           "make_schedule", "format_schedule", "parse_schedule", "simulate", "peak_in_flight", "in_flight_by_stage",
+           "to_chrome_trace"]
 
 KINDS = ("F", "B")
 
@@ -69,30 +74,77 @@ def one_f_one_b(n_stages: int, n_microbatches: int) -> list[list[Action]]:
     return schedule
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def interleaved_1f1b(n_ranks: int, n_microbatches: int, n_virtual: int = 2) -> list[list[Action]]:
+    """Interleaved 1F1B (Megatron-LM): ``n_ranks * n_virtual`` stages, rank ``r`` holding ``r, r + p, ...``.
+
+    Rank ``r`` runs ``(p - r - 1) * 2 + (v - 1) * p`` warm-up forwards, then alternates, then drains.
+    Its ``k``-th forward is micro-batch ``(k // (p v)) p + k % p`` of its chunk ``(k // p) % v``; the
+    ``k``-th backward walks the chunks the other way. ``n_microbatches`` must be a multiple of
+    ``n_ranks`` (micro-batches go round in groups of ``p``).
+    """
+    _check(n_ranks, n_microbatches)
+    _check(n_virtual, 1)
+    p, v, m = n_ranks, n_virtual, n_microbatches
+    if m % p:
+        raise ValueError(f"interleaved 1F1B runs micro-batches in groups of the {p} pipeline ranks: n_microbatches="
+                         f"{m} is not a multiple of {p}; use " + (f"{p * (m // p)} or " if m > p else "") + f"{p * (m // p + 1)}")
+    total = m * v
+
+    def action(rank: int, k: int, kind: str) -> Action:
+        group, within = divmod(k, p * v)
+        chunk = within // p if kind == "F" else v - 1 - within // p
+        return Action(chunk * p + rank, kind, group * p + within % p)
+
+    schedule = []
+    for r in range(p):
+        warmup = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
+        actions = [action(r, k, "F") for k in range(warmup)]
+        for k in range(total - warmup):
+            actions += [action(r, warmup + k, "F"), action(r, k, "B")]
+        actions += [action(r, k, "B") for k in range(total - warmup, total)]
+        schedule.append(actions)
+    return schedule
 
 
-def make_schedule(name: str, n_stages: int, n_microbatches: int) -> list[list[Action]]:
-    """The schedule called ``name`` (``"gpipe"`` or ``"1f1b"``)."""
+INTERLEAVED = "interleaved-1f1b"
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, INTERLEAVED: interleaved_1f1b}
+
+
+def make_schedule(name: str, n_ranks: int, n_microbatches: int, n_virtual: int = 1) -> list[list[Action]]:
+    """The schedule called ``name`` (``"gpipe"``, ``"1f1b"`` or ``"interleaved-1f1b"``), one list per rank.
+
+    ``n_virtual``: stages per rank (interleaved 1F1B needs at least 2; the others hold one).
+    """
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r} is not known; use one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](n_stages, n_microbatches)
+    if name == INTERLEAVED:
+        if n_virtual < 2:
+            raise ValueError(f"schedule={INTERLEAVED!r} needs at least 2 stages per pipeline rank, got {n_virtual}: "
+                             f"plan with schedule={INTERLEAVED!r} (the planner cuts p x v stages), or run '1f1b'")
+        return interleaved_1f1b(n_ranks, n_microbatches, n_virtual)
+    if n_virtual != 1:
+        raise ValueError(f"schedule={name!r} runs one stage per pipeline rank, but the plan holds {n_virtual} per "
+                         f"rank; use schedule={INTERLEAVED!r}")
+    return SCHEDULES[name](n_ranks, n_microbatches)
 
 
 def format_schedule(schedule: list[list[Action]]) -> list[str]:
-    """One line of text per stage, e.g. ``"F0 F1 B0 B1"``."""
-    return [" ".join(str(a) for a in actions) for actions in schedule]
+    """One line of text per rank, e.g. ``"F0 F1 B0 B1"`` (``"0F0 2F0 ..."`` when a rank holds several stages)."""
+    return [" ".join(str(a) if a.stage == r else f"{a.stage}{a}" for a in actions)
+            for r, actions in enumerate(schedule)]
 
 
 def parse_schedule(lines: list[str]) -> list[list[Action]]:
-    """Inverse of ``format_schedule``: line ``s`` holds stage ``s``'s actions."""
+    """Inverse of ``format_schedule``: line ``r`` holds rank ``r``'s actions (``"F2"``: its stage ``r``)."""
     schedule = []
-    for s, line in enumerate(lines):
+    for r, line in enumerate(lines):
         actions = []
         for word in line.split():
-            if word[:1] not in KINDS or not word[1:].isdigit():
-                raise ValueError(f"cannot parse action {word!r} of stage {s}; write e.g. 'F2' or 'B0'")
-            actions.append(Action(s, word[0], int(word[1:])))
+            head = len(word) - len(word.lstrip("0123456789"))
+            stage, rest = (int(word[:head]), word[head:]) if head else (r, word)
+            if rest[:1] not in KINDS or not rest[1:].isdigit():
+                raise ValueError(f"cannot parse action {word!r} of rank {r}; write e.g. 'F2', 'B0' or '3F2'")
+            actions.append(Action(stage, rest[0], int(rest[1:])))
         schedule.append(actions)
     return schedule
 
@@ -106,6 +158,16 @@ def peak_in_flight(actions: list[Action]) -> int:
     return peak
 
 
+def in_flight_by_stage(actions: list[Action]) -> dict[int, int]:
+    """Per stage of one rank's actions, the most micro-batches whose forward ran and backward did not yet."""
+    live: dict[int, int] = {}
+    peak: dict[int, int] = {}
+    for a in actions:
+        live[a.stage] = live.get(a.stage, 0) + (1 if a.kind == "F" else -1)
+        peak[a.stage] = max(peak.get(a.stage, 0), live[a.stage])
+    return peak
+
+
 @dataclass(frozen=True)
 class Span:
     """When one action ran in a simulated timeline (seconds)."""
@@ -116,7 +178,7 @@ class Span:
 
 @dataclass(frozen=True)
 class Timeline:
-    """A simulated run: spans per stage (in action order), total time and per-stage idle fraction."""
+    """A simulated run: spans per rank (in action order), total time and per-rank idle fraction."""
     spans: list[list[Span]]
     total_s: float
     bubble_fraction: list[float]
@@ -130,42 +192,47 @@ class Timeline:
 
 def simulate(schedule: list[list[Action]], forward_s: float = 1.0, backward_s: float = 2.0, *,
              send_s: float = 0.0) -> Timeline:
-    """Lay out ``schedule`` in time: each stage runs its actions in order, each as soon as it may.
+    """Lay out ``schedule`` in time: each rank runs its actions in order, each as soon as it may.
 
-    ``F m`` on stage s waits for ``F m`` on s-1; ``B m`` on s waits for ``B m`` on s+1 and ``F m``
-    on s. ``forward_s`` / ``backward_s``: a number for every stage, or one per stage.
-    ``send_s`` (a number, or one per stage): how long what a stage sends takes to reach its
-    neighbour (its activations forward, its input gradients backward); 0 by default.
+    ``F m`` of stage s waits for ``F m`` of s-1; ``B m`` of s waits for ``B m`` of s+1 and ``F m``
+    of s. ``forward_s`` / ``backward_s``: a number for every stage, or one per stage (``p v`` of
+    them for an interleaved schedule). ``send_s`` (a number, or one per stage): how long what a
+    stage sends takes to reach the rank holding its neighbour (its activations forward, its input
+    gradients backward); 0 by default, and 0 between stages on one rank.
 
     Raises:
         ValueError: the schedule deadlocks (an action waits for one that never runs first).
     """
     n = len(schedule)
-    fwd = _per_stage(forward_s, n, "forward_s")
-    bwd = _per_stage(backward_s, n, "backward_s")
-    send = _per_stage(send_s, n, "send_s")
+    n_stages = max((a.stage for actions in schedule for a in actions), default=n - 1) + 1
+    fwd = _per_stage(forward_s, n_stages, "forward_s")
+    bwd = _per_stage(backward_s, n_stages, "backward_s")
+    send = _per_stage(send_s, n_stages, "send_s")
+    rank_of = {a.stage: r for r, actions in enumerate(schedule) for a in actions}
     done: dict[tuple, float] = {}
     spans: list[list[Span]] = [[] for _ in range(n)]
     cursor, clock = [0] * n, [0.0] * n
     remaining = sum(len(a) for a in schedule)
     while remaining:
         progressed = False
-        for s, actions in enumerate(schedule):
-            while cursor[s] < len(actions):
-                a = actions[cursor[s]]
-                deps = _dependencies(a, n)
+        for r, actions in enumerate(schedule):
+            while cursor[r] < len(actions):
+                a = actions[cursor[r]]
+                deps = _dependencies(a, n_stages)
                 if any(d not in done for d in deps):
                     break
-                start = max([clock[s]] + [done[d] + (send[d[0]] if d[0] != s else 0.0) for d in deps])
-                end = start + (fwd[s] if a.kind == "F" else bwd[s])
-                done[(s, a.kind, a.microbatch)] = end
-                spans[s].append(Span(a, start, end))
-                clock[s], cursor[s], remaining, progressed = end, cursor[s] + 1, remaining - 1, True
+                start = max([clock[r]] + [done[d] + (send[d[0]] if rank_of.get(d[0], r) != r else 0.0)
+                                          for d in deps])
+                end = start + (fwd[a.stage] if a.kind == "F" else bwd[a.stage])
+                done[(a.stage, a.kind, a.microbatch)] = end
+                spans[r].append(Span(a, start, end))
+                clock[r], cursor[r], remaining, progressed = end, cursor[r] + 1, remaining - 1, True
         if not progressed:
-            stuck = {s: str(schedule[s][cursor[s]]) for s in range(n) if cursor[s] < len(schedule[s])}
-            raise ValueError(f"schedule deadlocks: stages wait at {stuck}")
+            stuck = {r: f"{schedule[r][cursor[r]].stage}{schedule[r][cursor[r]]}" for r in range(n)
+                     if cursor[r] < len(schedule[r])}
+            raise ValueError(f"schedule deadlocks: ranks wait at {stuck}")
     total = max((c for c in clock), default=0.0)
-    busy = [sum(sp.end_s - sp.start_s for sp in stage_spans) for stage_spans in spans]
+    busy = [sum(sp.end_s - sp.start_s for sp in rank_spans) for rank_spans in spans]
     bubbles = [1.0 - b / total if total else 0.0 for b in busy]
     return Timeline(spans, total, bubbles, [peak_in_flight(a) for a in schedule])
 
@@ -188,15 +255,15 @@ def _dependencies(a: Action, n_stages: int) -> list[tuple]:
 
 
 def to_chrome_trace(timeline: Timeline, *, time_unit_us: float = 1e6) -> str:
-    """Chrome-trace JSON (a list of complete ``"X"`` events): one row (pid/tid) per stage.
+    """Chrome-trace JSON (a list of complete ``"X"`` events): one row (pid/tid) per rank.
 
     Times are scaled by ``time_unit_us`` (seconds to microseconds by default).
     """
     events = []
     for s, stage_spans in enumerate(timeline.spans):
         for sp in stage_spans:
-            events.append({"name": str(sp.action), "cat": "forward" if sp.action.kind == "F" else "backward",
+            events.append({"name": str(sp.action) if sp.action.stage == s else f"{sp.action.stage}{sp.action}", "cat": "forward" if sp.action.kind == "F" else "backward",
                            "ph": "X", "pid": s, "tid": s, "ts": sp.start_s * time_unit_us,
                            "dur": (sp.end_s - sp.start_s) * time_unit_us,
-                           "args": {"stage": s, "microbatch": sp.action.microbatch}})
+                           "args": {"stage": sp.action.stage, "microbatch": sp.action.microbatch}})
     return json.dumps(events)

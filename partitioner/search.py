@@ -20,7 +20,7 @@ from passes._util import block_path, format_bytes, format_seconds
 from .pipeline import (PipelineCosts, explain_memory, memory_model, solve_cuts, state_per_param_byte,
                        unit_boundaries)
 from .plan import DP_MODES
-from .schedules import SCHEDULES
+from .schedules import INTERLEAVED, SCHEDULES
 from .simulate_step import StageTiming, simulate_plan
 
 __all__ = ["Planner", "Candidate", "meshes", "search"]
@@ -45,6 +45,7 @@ class Candidate:
     reason: str = ""                      # why it was rejected ("" when it fits)
     need_bytes: float = 0.0               # rejected for memory: the largest device's need
     need_text: str = ""                   # and every stage's
+    n_virtual: int = 1                    # stages per pipeline rank (interleaved 1F1B)
 
     @property
     def fits(self) -> bool:
@@ -54,6 +55,7 @@ class Candidate:
         mesh = " x ".join(f"{k}{self.mesh[k]}" for k in ("dp", "tp", "pp"))
         extra = f", {self.data_parallel}" if self.mesh["dp"] > 1 else ""
         sched = f", {self.schedule}" if self.mesh["pp"] > 1 else ""
+        sched += f" v={self.n_virtual}" if self.n_virtual > 1 else ""
         again = ", recompute" if self.recompute else ""
         return f"{mesh}, m={self.n_microbatches}{sched}{extra}{again}"
 
@@ -122,62 +124,70 @@ class Planner:
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
                  positions: list[int] | None = None, near: tuple | None = None, quick: bool = True,
-                 recompute: bool = False) -> Candidate:
+                 recompute: bool = False, n_virtual: int = 1) -> Candidate:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
         A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
         so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
         state alone exceeds the memory limit without cutting it (False: cut it, to say what each
         stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
+        ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, and a rank's
+        memory the sum of its stages' (held under the limit by keeping each stage under ``1 / n_virtual`` of it).
         """
-        dp, tp, pp, m = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches
-        base = Candidate(dict(mesh), m, schedule, data_parallel, recompute=recompute)
+        dp, tp, pp, m, v = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches, n_virtual
+        n_stages = pp * v
+        base = Candidate(dict(mesh), m, schedule, data_parallel, recompute=recompute, n_virtual=v)
         if self.batch % (dp * m):
             return _reject(base, f"the batch of {self.batch} does not split into dp x micro-batches = {dp * m}")
+        if v > 1 and m % pp:
+            return _reject(base, f"interleaved 1F1B needs micro-batches in groups of pp={pp}, not m={m}")
         g = self.graphs(tp, recompute)
         if tp > 1 and not g.info.row and not g.info.expert:
             return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
         n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
         if g.allowed is not None and near is None and positions is None:
             n_cuttable = min(n_cuttable, len(g.allowed))
-        if pp - 1 > n_cuttable:
-            return _reject(base, f"the graph has only {n_cuttable} places to cut, not {pp - 1}")
+        if n_stages - 1 > n_cuttable:
+            return _reject(base, f"the graph has only {n_cuttable} places to cut, not {n_stages - 1}")
         floor = self._state_floor(g, mesh, data_parallel)
         if quick and self.memory_limit is not None and floor > self.memory_limit:
             return _reject(base, f"does not fit memory_limit={format_bytes(self.memory_limit)}: parameters and "
                                  f"optimizer state alone need {format_bytes(floor)} per device", floor,
                            f"at least {format_bytes(floor)} for parameters and optimizer state")
         costs = g.costs.at_fraction(1.0 / (dp * m))
-        memory_of = memory_model(costs, pp, training=self.training, schedule=schedule, n_microbatches=m,
+        memory_of = memory_model(costs, n_stages, training=self.training, schedule=schedule, n_microbatches=m,
                                  optimizer=self.optimizer, dp=dp, dp_mode=data_parallel,
-                                 unit_param_bytes=g.unit_param_bytes, precision=self.precision)
+                                 unit_param_bytes=g.unit_param_bytes, precision=self.precision, n_virtual=v)
         limit = self.memory_limit
         if positions is None:
             allowed = g.allowed if near is None else _around(g.allowed, near, len(costs.order))
-            positions = self._fastest_cuts(tp, pp, costs, allowed, recompute)   # the same for every schedule and mode
+            positions = self._fastest_cuts(tp, n_stages, costs, allowed, recompute)   # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
-            over = limit is not None and any(memory_of(k, np.array([s]), e)[0] > limit
-                                             for k, (s, e) in enumerate(zip(bounds, bounds[1:])))
-            if over:
+            need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+            if limit is not None and max(sum(need[r::pp]) for r in range(pp)) > limit:
                 try:
-                    positions = solve_cuts(costs, pp, memory_limit=limit, memory_of=memory_of, allowed=allowed)
+                    positions = solve_cuts(costs, n_stages, memory_limit=limit / v, memory_of=memory_of,
+                                           allowed=allowed)
                 except ValueError:
-                    need, text = explain_memory(costs, pp, memory_of, allowed=allowed)
+                    need, text = explain_memory(costs, n_stages, memory_of, allowed=allowed)
                     return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
         bounds = [0] + list(positions) + [len(costs.order)]
         timings = [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
-        peak = max(t.memory_bytes for t in timings)
-        if limit is not None and peak > limit:
-            text = ", ".join(f"stage {k}: {format_bytes(t.memory_bytes)}" for k, t in enumerate(timings))
-            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", peak, text)
+        per_rank = [sum(t.memory_bytes for t in timings[r::pp]) for r in range(pp)]
+        if limit is not None and max(per_rank) > limit:
+            text = ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(per_rank)) if v == 1 else \
+                ", ".join(f"rank {r} (stages {', '.join(map(str, range(r, n_stages, pp)))}): {format_bytes(b)}"
+                          for r, b in enumerate(per_rank))
+            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", max(per_rank),
+                           "stage " + text if v > 1 else text)
         cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
                              spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
-                             optimizer=self.optimizer, precision=self.precision)
+                             optimizer=self.optimizer, precision=self.precision, n_virtual=v)
         return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
-                         positions=tuple(positions), cost=cost, recompute=recompute)
+                         positions=tuple(positions), cost=cost, recompute=recompute, n_virtual=v)
 
-    def compute_floor(self, mesh: dict, n_microbatches: int, recompute: bool = False) -> float:
+    def compute_floor(self, mesh: dict, n_microbatches: int, recompute: bool = False, n_virtual: int = 1) -> float:
         """A lower bound of a candidate's step from its compute alone, whatever the cuts.
 
         With stage times ``t_s`` (per micro-batch, summing to ``T``), stage ``s`` cannot start before
@@ -185,7 +195,9 @@ class Planner:
         and the last one's backward must still cross them: the step is at least
         ``max_s (t_0 + ... + t_{s-1} + m t_s)``. The cuts that minimise that make it equal for every
         stage (``t_s = V/m (1 - 1/m)^s``), so no split does better than ``V = T / (1 - (1 - 1/m)^pp)``
-        (``m T / pp`` and more with few micro-batches; ``T`` with one).
+        (``m T / pp`` and more with few micro-batches; ``T`` with one). Interleaved 1F1B shortens the
+        fill and drain, so there only what holds for any schedule: the busiest rank computes at least
+        ``m T / pp``, and one micro-batch crosses every stage there and back (``T``).
         """
         if self.balance != "time" or self.batch % (mesh["dp"] * n_microbatches):
             return 0.0
@@ -194,6 +206,8 @@ class Planner:
             return 0.0
         m, pp = n_microbatches, mesh["pp"]
         per_microbatch = g.costs.at_fraction(1.0 / (mesh["dp"] * m)).total
+        if n_virtual > 1:
+            return max(per_microbatch, m * per_microbatch / pp)
         return per_microbatch / (1.0 - (1.0 - 1.0 / m) ** pp)
 
     def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False) -> list[int]:
@@ -244,7 +258,7 @@ def _around(boundaries: np.ndarray | None, cuts: tuple, n: int) -> np.ndarray | 
 
 def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:
     return Candidate(base.mesh, base.n_microbatches, base.schedule, base.data_parallel, reason=reason,
-                     need_bytes=need, need_text=text, recompute=base.recompute)
+                     need_bytes=need, need_text=text, recompute=base.recompute, n_virtual=base.n_virtual)
 
 
 def _float_crossing(costs: PipelineCosts, end: int) -> float:
@@ -288,36 +302,37 @@ def meshes(n_devices: int, *, devices_per_node: int = 8, fixed: dict | None = No
 
 def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: int | None, schedule: str | None,
            data_parallel: str | None, positions: list[int] | None = None,
-           recompute: bool | None = None) -> tuple[Candidate, list[Candidate]]:
+           recompute: bool | None = None, n_virtual: int | None = None) -> tuple[Candidate, list[Candidate]]:
     """The fastest candidate that fits, and every candidate tried (with the rejected ones' reasons).
 
     ``positions`` pins the cuts (one mesh only). ``recompute``: None tries recomputing every block
     for a candidate whose activations do not fit (and only then); True always, False never.
+    ``n_virtual`` pins the stages per pipeline rank (1: no interleaving); None tries 1, 2 and 4.
 
     Raises:
         ValueError: no candidate fits; the message says what the closest ones need.
     """
     tried, best = [], None
 
-    def score(mesh, m, sched, mode, again: bool) -> Candidate:
-        floor = planner.compute_floor(mesh, m, again)
-        if best is not None and floor >= best.step_time_s and len(candidate_meshes) > 1:
-            return _reject(Candidate(dict(mesh), m, sched, mode, recompute=again),
+    def score(mesh, m, sched, mode, again: bool, v: int) -> Candidate:
+        floor = planner.compute_floor(mesh, m, again, v)
+        if best is not None and floor >= best.step_time_s and (len(candidate_meshes) > 1 or v > 1):
+            return _reject(Candidate(dict(mesh), m, sched, mode, recompute=again, n_virtual=v),
                            f"cannot beat {best.label()} ({format_seconds(best.step_time_s)}): its busiest stage "
                            f"computes at least {format_seconds(floor)}")
-        return planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=again)
+        return planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=again, n_virtual=v)
 
     # the meshes whose compute alone is least first, so that a good step found early rules out the rest
     ordered = sorted(candidate_meshes, key=lambda mesh: planner.compute_floor(mesh, 1, bool(recompute)))
     for mesh in ordered:
         best_here = None
         for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
-            for sched in ([schedule] if schedule else ["1f1b"]):   # GPipe: 1F1B's bubble with more in flight
+            for sched, v in _schedules(planner, mesh, m, schedule, pinned=positions is not None, n_virtual=n_virtual):
                 for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
-                    c = score(mesh, m, sched, mode, bool(recompute))
+                    c = score(mesh, m, sched, mode, bool(recompute), v)
                     if recompute is None and _activations_too_big(c):
                         tried.append(c)
-                        c = score(mesh, m, sched, mode, True)
+                        c = score(mesh, m, sched, mode, True, v)
                     tried.append(c)
                     if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
                         best_here = c
@@ -330,10 +345,31 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
         if by_memory:          # what the least demanding one needs, stage by stage
             least = min(by_memory, key=lambda c: c.need_bytes)
             tried.append(planner.evaluate(least.mesh, least.n_microbatches, least.schedule, least.data_parallel,
-                                          positions=positions, quick=False, recompute=least.recompute))
+                                          positions=positions, quick=False, recompute=least.recompute,
+                                          n_virtual=least.n_virtual))
         raise ValueError(_nothing_fits(tried, planner.memory_limit))
     best = min(fitting, key=lambda c: (c.step_time_s, c.peak_bytes))
     return best, tried
+
+
+VIRTUAL = (2, 4)      # stages per rank interleaved 1F1B tries
+
+
+def _schedules(planner: Planner, mesh: dict, m: int, schedule: str | None, *, pinned: bool = False,
+               n_virtual: int | None = None) -> list[tuple]:
+    """(schedule, stages per rank) to try under one mesh and micro-batch count. GPipe is never chosen by
+    itself (1F1B's bubble with more in flight); interleaved 1F1B with 2 and 4 stages per rank (or
+    ``n_virtual``) when the micro-batches go round in groups of ``pp`` (or when asked for, to say why
+    it cannot)."""
+    pp = mesh["pp"]
+    if pp == 1:
+        return [("1f1b" if schedule in (None, INTERLEAVED) else schedule, 1)]
+    asked = schedule == INTERLEAVED or (n_virtual or 1) > 1
+    out = [] if asked else [(schedule or "1f1b", 1)]
+    if planner.training and not pinned and schedule in (None, INTERLEAVED) and n_virtual != 1 and \
+            (m % pp == 0 or asked):
+        out += [(INTERLEAVED, v) for v in ([n_virtual] if n_virtual else VIRTUAL)]
+    return out
 
 
 def _activations_too_big(c: Candidate) -> bool:

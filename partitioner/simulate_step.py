@@ -27,6 +27,9 @@ measured on a CPU, hidden on a GPU). Ranks that share compute units (a CPU host 
 shares the units, so a stage computes at full speed in another's bubble and at ``units / ranks``
 of it when every rank computes; waits (collectives, receives) take no compute.
 
+With interleaved 1F1B a pipeline rank holds ``v`` stages (``r, r + p, ...``): the schedule is laid
+out stage by stage, and what a rank holds, synchronises and steps is the sum of its stages.
+
 Links follow the mesh order ``(pp, dp, tp)`` with tp fastest-varying (as torchtitan lays it
 out): a tp group of ``tp`` neighbouring ranks stays in a node when it fits, a dp group strides
 ``tp`` ranks, pipeline neighbours ``dp * tp`` ranks; a group that leaves a node of
@@ -64,20 +67,26 @@ class StageTiming:
 
 def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_microbatches: int,
                   data_parallel: str, spec, devices_per_node: int, training: bool,
-                  optimizer: str | None, precision: str = "fp32") -> PlanCost:
-    """The simulated step of the global batch on ``mesh`` and the largest per-device memory."""
+                  optimizer: str | None, precision: str = "fp32", n_virtual: int = 1) -> PlanCost:
+    """The simulated step of the global batch on ``mesh`` and the largest per-device memory.
+
+    ``timings``: one per stage, ``pp * n_virtual`` of them (``n_virtual`` stages per pipeline rank
+    with interleaved 1F1B); memory per device is the sum of its stages'.
+    """
     pp, dp, tp = mesh["pp"], mesh["dp"], mesh["tp"]
     m = n_microbatches
     pp_link = link_of(spec, pp, stride=dp * tp, devices_per_node=devices_per_node) if pp > 1 else None
     dp_link = link_of(spec, dp, stride=tp, devices_per_node=devices_per_node, collective=True)
     sends = [send_s(t.send_bytes, pp_link) if pp_link else 0.0 for t in timings]
-    actions = make_schedule(schedule if training else "gpipe", pp, m)
+    actions = make_schedule(schedule if training or n_virtual > 1 else "gpipe", pp, m, n_virtual)
     if not training:
         actions = [[a for a in stage if a.kind == "F"] for stage in actions]
     grad_scale = 2.0 if precision == "mixed" else 1.0
     if training and m > 1:
         timings = [replace(t, backward_s=t.backward_s + _accumulate_s(t.param_bytes * grad_scale, m, spec))
                    for t in timings]
+    per_stage = timings
+    timings = [_on_rank(per_stage[r::pp]) for r in range(pp)]     # what each pipeline rank holds
     capacity = _capacity(spec, mesh, devices_per_node)
     slowdown = max(1.0, pp / capacity)              # of compute while every rank computes
 
@@ -93,22 +102,38 @@ def simulate_plan(timings: list[StageTiming], *, mesh: dict, schedule: str, n_mi
     exposed = [w + c * slowdown for w, c in zip(waits, copies)]
     overhead = spec.action_overhead_s
     if capacity < pp:
-        finish, bubbles = _shared_step(actions, timings, sends, waits, copies, opt_s, capacity, training=training,
+        finish, bubbles = _shared_step(actions, per_stage, sends, waits, copies, opt_s, capacity, training=training,
                                        overhead=overhead)
     else:
-        forward = [t.forward_s + overhead for t in timings]
-        backward = [t.backward_s + overhead if training else 0.0 for t in timings]
+        forward = [t.forward_s + overhead for t in per_stage]
+        backward = [t.backward_s + overhead if training else 0.0 for t in per_stage]
         timeline = simulate(actions, forward, [b or 1e-12 for b in backward] if training else 0.0, send_s=sends)
         ends = [spans[-1].end_s if spans else 0.0 for spans in timeline.spans]
         finish = [end + w + c + o for end, w, c, o in zip(ends, waits, copies, opt_s)]
         bubbles = timeline.bubble_fraction
     step = max(finish)
     busiest = max(range(pp), key=lambda s: m * (timings[s].forward_s + timings[s].backward_s))
-    axes = _axes(timings, sends, dp_rows, exposed, mesh=mesh, m=m, training=training, data_parallel=data_parallel)
+    rank_sends = [sum(sends[r::pp]) for r in range(pp)]
+    axes = _axes(timings, rank_sends, dp_rows, exposed, mesh=mesh, m=m, training=training,
+                 data_parallel=data_parallel)
     peaks = tuple(int(t.memory_bytes) for t in timings)
     return PlanCost(step_time_s=step, peak_bytes=max(peaks), stage_peak_bytes=peaks,
                     compute_s=m * (timings[busiest].forward_s + timings[busiest].backward_s),
                     bubble_fraction=bubbles[busiest], optimizer_s=max(opt_s) * slowdown, axes=axes)
+
+
+def _on_rank(stages: list[StageTiming]) -> StageTiming:
+    """One pipeline rank's stages as one (interleaved 1F1B: ``v`` of them): times, bytes and memory summed."""
+    if len(stages) == 1:
+        return stages[0]
+    total = lambda f: sum(f(t) for t in stages)          # noqa: E731
+    forward = [t.collective_forward_s for t in stages]
+    return StageTiming(forward_s=total(lambda t: t.forward_s), backward_s=total(lambda t: t.backward_s),
+                       send_bytes=total(lambda t: t.send_bytes), grad_bytes=total(lambda t: t.grad_bytes),
+                       collective_s=total(lambda t: t.collective_s), param_bytes=total(lambda t: t.param_bytes),
+                       collective_bytes=total(lambda t: t.collective_bytes), n_units=total(lambda t: t.n_units),
+                       memory_bytes=total(lambda t: t.memory_bytes),
+                       collective_forward_s=None if None in forward else sum(forward))
 
 
 def _capacity(spec, mesh: dict, devices_per_node: int) -> float:
@@ -124,27 +149,33 @@ def _capacity(spec, mesh: dict, devices_per_node: int) -> float:
 
 def _shared_step(actions, timings, sends, waits, copies, opt_s, capacity: float, *,
                  training: bool, overhead: float = 0.0) -> tuple[list[float], list[float]]:
-    """(when each stage ends its step, its idle share until its last action) with ranks sharing compute units
+    """(when each rank ends its step, its idle share until its last action) with ranks sharing compute units
     (``timeshare``): an action computes, then waits for its tensor-parallel collectives; after the last one
-    a stage waits for its gradients' all-reduce, copies them out of the buckets and steps its optimizer."""
+    a rank waits for its gradients' all-reduce, copies them out of the buckets and steps its optimizer.
+    ``timings`` and ``sends`` are per stage; ``actions`` per rank."""
+    rank_of = {a.stage: r for r, row in enumerate(actions) for a in row}
+    n_stages = len(timings)
     tasks = []
-    for s, stage in enumerate(actions):
-        t = timings[s]
-        coll_f = t.collective_s / 2 if t.collective_forward_s is None else t.collective_forward_s
-        coll_b = t.collective_s - coll_f
+    for r, row_actions in enumerate(actions):
         row = []
-        for a in stage:
-            key = (a.kind, a.microbatch)
+        for a in row_actions:
+            s, t = a.stage, timings[a.stage]
+            coll_f = t.collective_s / 2 if t.collective_forward_s is None else t.collective_forward_s
+            coll_b = t.collective_s - coll_f
+            key = (a.kind, s, a.microbatch)
             if a.kind == "F":
-                after = ((s - 1, key),) if s > 0 else ()
+                after = ((rank_of[s - 1], ("F", s - 1, a.microbatch)),) if s > 0 else ()
                 row.append(Task(key, max(t.forward_s - coll_f, 0.0) + overhead, coll_f, after))
             else:
-                after = ((s, ("F", a.microbatch)),) + (((s + 1, key),) if s < len(actions) - 1 else ())
+                after = ((r, ("F", s, a.microbatch)),) + \
+                    (((rank_of[s + 1], ("B", s + 1, a.microbatch)),) if s < n_stages - 1 else ())
                 row.append(Task(key, max(t.backward_s - coll_b, 0.0) + overhead, coll_b, after))
         if training:
-            row += [Task("sync", copies[s], waits[s]), Task("optimizer", opt_s[s])]
+            row += [Task("sync", copies[r], waits[r]), Task("optimizer", opt_s[r])]
         tasks.append(row)
-    spans = layout(tasks, capacity=capacity, send_s=sends)
+    pp = len(actions)
+    rank_sends = [max(sends[r::pp]) for r in range(pp)]     # a rank's stages send alike
+    spans = layout(tasks, capacity=capacity, send_s=rank_sends)
     finish = [max((end for _, end in sp.values()), default=0.0) for sp in spans]
     bubbles = []
     for sp in spans:

@@ -28,7 +28,7 @@ from partitioner.schedules import SCHEDULES, make_schedule
 from .checkpoint import gather_full_state, local_state, merge_shards, merge_state_dicts, shard_file
 from .data_parallel import GradSync, original_names, replicated_params, shard_module, split_by_block
 from .memory import LiveActivations, peak_tracker
-from .pipeline import StageDriver, StageError
+from .pipeline import Chunks, StageDriver, StageError
 from .tensor_parallel import megatron_graph
 from .topology import Topology
 
@@ -71,40 +71,27 @@ class Runner:
         if not isinstance(n_microbatches, int) or n_microbatches < 1:
             raise ValueError(f"n_microbatches must be a positive int, got {n_microbatches!r}")
         self.plan, self.mesh = plan, plan.mesh
+        pp, v = self.mesh["pp"], plan.n_virtual
+        schedules = make_schedule(schedule, pp, n_microbatches, v)    # refuses a schedule the plan cannot run
         self.topology = Topology(self.mesh, timeout_s=timeout_s)
         self.rank, self.device = self.topology.rank, self.topology.device
         c = self.coords = self.topology.coords
         self.schedule_name, self.n_microbatches = schedule, n_microbatches
+        self.actions = schedules[c.pp]
         self._check_same_plan(schedule, n_microbatches)
-        stage = plan.stages[c.pp]
-        piece = stage.tp_shards[c.tp] if stage.tp_shards else stage
-        self.stage_index = c.pp
-        self.estimated_memory_bytes = int(piece.cost.memory_bytes)
-        graph = piece.module.to(self.device)           # only this rank's piece of the model is kept
-        if self.mesh["tp"] > 1:
-            graph = megatron_graph(graph, group_name=self.topology.group("tp").group_name,
-                                   param_shards=dict(plan.sharding.param_shards))
-        self._graph = graph
+        self.stage_index = c.pp                        # this rank's place on the pipeline axis
+        self.stage_indices = [c.pp + k * pp for k in range(v)]   # the stages it holds (interleaved: several)
+        pieces = {s: (plan.stages[s].tp_shards[c.tp] if plan.stages[s].tp_shards else plan.stages[s])
+                  for s in self.stage_indices}
+        self.estimated_memory_bytes = int(sum(piece.cost.memory_bytes for piece in pieces.values()))
+        self._graphs = {s: self._local_graph(piece) for s, piece in pieces.items()}   # only this rank's pieces
         self._tied = self._tied_groups(plan.shared_params)
-        self._grad_sync = None
-        recompute = bool(plan.decisions.recompute)
-        if self.mesh["dp"] > 1 and plan.data_parallel == "shard":
-            self.module = shard_module(graph, self.topology.device_mesh["dp"],
-                                       reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute)
-            whole = replicated_params(self.module)
-            if whole:                                  # read by several blocks: replicated, gradients averaged
-                self._grad_sync = GradSync(whole, self.topology.group("dp"))
-        else:
-            # recomputed blocks run as units that share the graph's parameters, so GradSync hooks them alike
-            self.module = split_by_block(graph, recompute=True) if recompute else graph
-            if self.mesh["dp"] > 1:
-                self._grad_sync = GradSync(list(graph.parameters()), self.topology.group("dp"))
-        pp = self.mesh["pp"]
-        self.driver = StageDriver(self.module, graph=graph, stage=c.pp, n_stages=pp,
-                                  prev_rank=self.topology.rank_of(pp=c.pp - 1) if c.pp > 0 else None,
-                                  next_rank=self.topology.rank_of(pp=c.pp + 1) if c.pp < pp - 1 else None,
-                                  device=self.device, where=str(self.topology))
-        self.actions = make_schedule(schedule, pp, n_microbatches)[c.pp]
+        modules, self._syncs = self._replicas(plan)
+        self._chunks = modules
+        self.module = modules[c.pp] if v == 1 else Chunks(modules)
+        self.driver = StageDriver({s: (modules[s], self._graphs[s]) for s in self.stage_indices}, n_stages=pp * v,
+                                  rank_of_stage=lambda s: self.topology.rank_of(pp=s % pp), device=self.device,
+                                  where=str(self.topology))
         self.loss_fn, self.optimizer_fn = loss_fn, optimizer_fn
         self.optimizer = None
         self.track_memory = track_memory
@@ -114,8 +101,8 @@ class Runner:
     # -- setup ----------------------------------------------------------------------------
     def _check_same_plan(self, schedule: str, n_microbatches: int) -> None:
         """Every rank must run the same plan: compare a digest of it before any pipeline traffic."""
-        summary = repr((self.plan.decisions.to_dict()["mesh"], self.plan.cuts, schedule, n_microbatches,
-                        self.plan.data_parallel, (self.plan.decisions.sharding or {}).get("params"),
+        summary = repr((self.plan.decisions.to_dict()["mesh"], self.plan.cuts, self.plan.n_virtual, schedule,
+                        n_microbatches, self.plan.data_parallel, (self.plan.decisions.sharding or {}).get("params"),
                         sorted(self.plan.params.items())))
         digest = int.from_bytes(hashlib.sha256(summary.encode()).digest()[:8], "little", signed=True)
         mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
@@ -128,22 +115,69 @@ class Runner:
                              f"in the mesh, cuts, sharding, schedule, n_microbatches or model); build the plan "
                              f"identically on every rank, or save it once and load_plan it everywhere")
 
+    def _local_graph(self, piece) -> torch.fx.GraphModule:
+        graph = piece.module.to(self.device)
+        if self.mesh["tp"] > 1:
+            graph = megatron_graph(graph, group_name=self.topology.group("tp").group_name,
+                                   param_shards=dict(self.plan.sharding.param_shards))
+        return graph
+
+    def _replicas(self, plan) -> tuple[dict, dict]:
+        """Per stage this rank holds: the module it runs (sharded over dp with FSDP2, or its graph, its blocks
+        recomputed in backward when the plan says so), and the gradient averaging armed before the stage's
+        last backward (``GradSync``: replicated parameters)."""
+        recompute, dp = bool(plan.decisions.recompute), self.mesh["dp"]
+        shard = dp > 1 and plan.data_parallel == "shard"
+        owners: dict[int, list] = {}
+        for s, graph in self._graphs.items():
+            for p in graph.parameters():
+                owners.setdefault(id(p), []).append(s)
+        across = sorted({tuple(stages) for stages in owners.values() if len(stages) > 1})
+        if across and shard:
+            raise ValueError(f"rank {self.rank} holds stages {across[0]} that share a parameter (tied weights); "
+                             f"data_parallel='shard' cannot shard one parameter for two stages on one rank: plan with "
+                             f"data_parallel='replicate', or schedule='1f1b'")
+        modules, syncs = {}, {}
+        group = self.topology.group("dp") if dp > 1 else None
+        for s, graph in self._graphs.items():
+            if shard:
+                modules[s] = shard_module(graph, self.topology.device_mesh["dp"],
+                                          reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute)
+                whole = replicated_params(modules[s])
+                if whole:                              # read by several blocks: replicated, gradients averaged
+                    syncs[s] = [GradSync(whole, group)]
+            else:
+                # recomputed blocks run as units that share the graph's parameters, so GradSync hooks them alike
+                modules[s] = split_by_block(graph, recompute=True) if recompute else graph
+        if dp > 1 and not shard:
+            if across:          # a tied parameter in two of this rank's stages: one sync, before the last backward
+                last = next(a.stage for a in reversed(self.actions) if a.kind == "B")
+                params = list({id(p): p for g in self._graphs.values() for p in g.parameters()}.values())
+                syncs[last] = [GradSync(params, group)]
+            else:
+                syncs = {s: [GradSync(list(g.parameters()), group)] for s, g in self._graphs.items()}
+        return modules, syncs
+
     def _tied_groups(self, shared: dict) -> list:
-        """Process groups for tied parameters: per (replica, shard), the stages holding it; made in the same
-        order on every rank (``new_group`` is collective)."""
+        """Process groups for tied parameters: per (replica, shard), the ranks holding a stage with it; made in
+        the same order on every rank (``new_group`` is collective). Stages of one rank share the parameter
+        itself, so a tied weight all of whose stages sit on one rank needs no group."""
         groups = []
-        params = dict(self._graph.named_parameters())
+        params = {name for g in self._graphs.values() for name, _ in g.named_parameters()}
         made: dict[tuple, object] = {}
+        pp = self.mesh["pp"]
         for name, stages in sorted(shared.items()):
             for dp in range(self.mesh["dp"]):
                 for tp in range(self.mesh["tp"]):
-                    ranks = tuple(self.topology.rank_of(pp=s, dp=dp, tp=tp) for s in sorted(stages))
+                    ranks = tuple(sorted({self.topology.rank_of(pp=s % pp, dp=dp, tp=tp) for s in stages}))
+                    if len(ranks) == 1:
+                        continue
                     if ranks not in made:
                         made[ranks] = dist.new_group(list(ranks))
                     if self.rank in ranks:
                         if name not in params:
-                            raise ValueError(f"tied parameter {name!r} is listed for stage {self.stage_index} but the "
-                                             f"stage holds {sorted(params)[:8]}...; the plan's shared_params do not "
+                            raise ValueError(f"tied parameter {name!r} is listed for stages {self.stage_indices} but they "
+                                             f"hold {sorted(params)[:8]}...; the plan's shared_params do not "
                                              f"match its stages")
                         groups.append((name, made[ranks]))
         return groups
@@ -171,15 +205,17 @@ class Runner:
             self.optimizer = self.optimizer_fn(params)
         self.module.train()
         m = self.n_microbatches
-        if hasattr(self.module, "set_requires_gradient_sync"):
-            self.module.set_requires_gradient_sync(m == 1)
+        for module in self._chunks.values():
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(m == 1)
         live = LiveActivations()
         with peak_tracker(self.device, self.module, self.optimizer, track=self.track_memory) as tracker:
             loss_sum = self.driver.train(self.actions, mbs, symbols, targets, loss_fn=self.loss_fn,
                                          unflatten=self._unflatten, before_last_backward=self._last_backward,
                                          scale=1.0 / m, live=live)
-            if self._grad_sync is not None:
-                self._grad_sync.finish()
+            for syncs in self._syncs.values():
+                for sync in syncs:
+                    sync.finish()
             self._sync_tied_grads()
             if self.optimizer is not None:
                 self.optimizer.step()
@@ -271,7 +307,7 @@ class Runner:
         how = None
         if self.measured_peak_bytes is not None:
             how = "cuda.max_memory_allocated" if self.device.type == "cuda" else "live storages peak"
-        row = {"rank": self.rank, "stage": self.stage_index, "replica": self.coords.dp, "shard": self.coords.tp,
+        row = {"rank": self.rank, "stage": self.stage_index, "stages": list(self.stage_indices), "replica": self.coords.dp, "shard": self.coords.tp,
                "measured_peak_bytes": self.measured_peak_bytes, "estimated_bytes": self.estimated_memory_bytes,
                "measured_by": how or "not measured (Runner(track_memory=True) measures on the CPU)",
                "process_rss_bytes": int(rss)}
@@ -300,11 +336,11 @@ class Runner:
         mine = split[self.coords.dp * self.n_microbatches:(self.coords.dp + 1) * self.n_microbatches]
         return [tree_unflatten(part, spec) for part in mine]
 
-    def _last_backward(self) -> None:
-        if self._grad_sync is not None:
-            self._grad_sync.arm()
-        if hasattr(self.module, "set_requires_gradient_sync"):
-            self.module.set_requires_gradient_sync(True)
+    def _last_backward(self, stage: int) -> None:
+        for sync in self._syncs.get(stage, ()):
+            sync.arm()
+        if hasattr(self._chunks[stage], "set_requires_gradient_sync"):
+            self._chunks[stage].set_requires_gradient_sync(True)
 
     def _sync_tied_grads(self) -> None:
         names = original_names(self.module)

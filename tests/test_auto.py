@@ -100,8 +100,10 @@ def test_the_compute_floor_that_prunes_candidates_never_exceeds_their_simulated_
         for m in search_module._microbatch_counts(planner.batch, mesh, None):
             for mode in (("replicate", "shard") if mesh["dp"] > 1 else ("replicate",)):
                 for again in (False, True):
-                    cand = planner.evaluate(mesh, m, "1f1b", mode, recompute=again)
-                    if cand.fits:
-                        checked += 1
-                        assert planner.compute_floor(mesh, m, again) <= cand.step_time_s * (1 + 1e-9), cand.label()
+                    for sched, v in search_module._schedules(planner, mesh, m, None):     # interleaved too
+                        cand = planner.evaluate(mesh, m, sched, mode, recompute=again, n_virtual=v)
+                        if cand.fits:
+                            checked += 1
+                            assert planner.compute_floor(mesh, m, again, v) <= cand.step_time_s * (1 + 1e-9), \
+                                cand.label()
     assert checked > 10

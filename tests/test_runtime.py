@@ -88,6 +88,10 @@ MESHES = {   # name -> (mesh, data-parallel mode, models)
     "pp2-recompute": ({"pp": 2}, "replicate", ("gpt2", "llama")),
     "dp2-shard-recompute": ({"dp": 2}, "shard", ("gpt2", "llama")),
     "auto4": (None, None, ("mlp", "gpt2")),        # strategy="auto" on 4 devices: whatever mesh it chooses
+    # interleaved 1F1B: each pipeline rank holds several stages (gpt2's tied embedding and head on two ranks)
+    "pp2-interleaved": ({"pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
+    "dp2pp2-shard-interleaved": ({"dp": 2, "pp": 2}, "shard", ("gpt2", "llama")),
+    "tp2pp2-interleaved": ({"tp": 2, "pp": 2}, "replicate", ("gpt2", "llama")),
 }
 BATCH, MICROBATCHES = 8, 4       # 4 micro-batches in all: dp x n_microbatches per replica
 
@@ -109,9 +113,12 @@ def _mesh_worker(case: str, out_path: str) -> None:
         if mesh is None:
             plan = partition(model, n_devices, args, kwargs, device="h100")
         else:
+            schedule = "interleaved-1f1b" if case.endswith("interleaved") else "1f1b"
             plan = partition(model, n_devices, args, kwargs, mesh=mesh, data_parallel=mode, device="h100",
-                             n_microbatches=MICROBATCHES // mesh.get("dp", 1), schedule="1f1b",
+                             n_microbatches=MICROBATCHES // mesh.get("dp", 1), schedule=schedule,
                              recompute=case.endswith("recompute"))
+            assert (plan.n_virtual > 1) == case.endswith("interleaved") and len(plan.stages) == \
+                mesh["pp"] * plan.n_virtual if "pp" in mesh else True
         assert plan.decisions.recompute == case.endswith("recompute")
         runner = Runner(plan, loss_fn=loss_fn, optimizer_fn=_sgd)
         losses = [runner.step(args, target, **kwargs) for _ in range(N_STEPS)]
@@ -140,7 +147,9 @@ SCHEDULE_CASES = {   # name -> (model, stages, micro-batches, Runner schedules, 
     "mlp-2": ("mlp", 2, 4, ("gpipe", "1f1b"), ("GPipe", "1F1B")),
     "tiny_gpt-4": ("tiny_gpt", 4, 4, ("gpipe", "1f1b"), ("1F1B",)),
     "moe-4": ("moe", 4, 4, ("gpipe", "1f1b"), ()),
-    "mlp-interleaved": ("mlp", 4, 4, (), ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")),
+    # 2 ranks holding 2 stages each: fxpart's interleaved 1F1B and torch's multi-stage schedules, on one plan
+    "mlp-interleaved": ("mlp", 2, 4, ("interleaved-1f1b",), ("Interleaved1F1B", "InterleavedZeroBubble",
+                                                            "ZBVZeroBubble")),
 }
 
 
@@ -152,7 +161,8 @@ def _schedule_worker(case: str, out_path: str) -> None:
     name, n_stages, m, schedules, torch_schedules = SCHEDULE_CASES[case]
     model, args, kwargs, target, loss_fn = _case(name, 2 * m)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = partition(model, n_stages, args, kwargs, strategy="pipeline", device="h100", n_microbatches=m)
+    plan = partition(model, n_stages, args, kwargs, strategy="pipeline", device="h100", n_microbatches=m,
+                     n_virtual=2 if case.endswith("interleaved") else 1)
     result: dict = {"schedules": {}, "memory": {}, "activations": {}}
     for schedule in schedules:
         model.load_state_dict(init)
@@ -291,8 +301,7 @@ def _check_schedules(case: str, result: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SCHEDULE_CASES))
 def test_pipeline_schedules_train_equal_to_one_process(case, tmp_path):
-    world = 2 if case == "mlp-interleaved" else SCHEDULE_CASES[case][1]
-    result = _launch(case, tmp_path, world)
+    result = _launch(case, tmp_path, SCHEDULE_CASES[case][1])
     _check_schedules(case, result)
     if case == "mlp-2":   # 2 stages, 4 micro-batches: 1F1B keeps 2 in flight on stage 0, GPipe all 4
         assert result["activations"] == {"gpipe": 4, "1f1b": 2}
