@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 examples/train_gpt_pipeline.py [--steps 5] [--schedule 1f1b] [--microbatches 4]
     torchrun --nproc-per-node 4 examples/train_gpt_pipeline.py --strategy auto      # let the planner pick the mesh
     torchrun --nproc-per-node 4 examples/train_gpt_pipeline.py --mesh dp=2,pp=2
+    torchrun --nproc-per-node 2 examples/train_gpt_pipeline.py --schedule interleaved-1f1b   # 2 stages per rank
 
 Every rank builds the same seeded model and plans it from the same global batch (the plan only
 decides; ``device="h100"`` costs it for H100s). By default the plan is a pipeline of one stage
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--strategy", choices=["pipeline", "auto", "data", "tensor"], default="pipeline")
     parser.add_argument("--mesh", default="", help="e.g. dp=2,pp=2 (overrides --strategy)")
-    parser.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    parser.add_argument("--schedule", choices=["1f1b", "gpipe", "interleaved-1f1b"], default="1f1b",
+                        help="interleaved-1f1b: each rank holds several stages (rank r: r, r + pp, ...)")
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per data-parallel replica")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
     args = parser.parse_args()
@@ -55,7 +57,7 @@ def main() -> None:
     report = runner.memory_report()
     if rank == 0:
         for row in report:
-            print(f"rank {row['rank']} (stage {row['stage']}, replica {row['replica']}, shard {row['shard']}): "
+            print(f"rank {row['rank']} (stages {row['stages']}, replica {row['replica']}, shard {row['shard']}): "
                   f"measured peak {row['measured_peak_bytes'] / 2**20:.2f} MiB ({row['measured_by']}), "
                   f"plan estimate {row['estimated_bytes'] / 2**20:.2f} MiB")
     dist.destroy_process_group()

@@ -79,8 +79,9 @@ def main(argv=None) -> int:
                         help="data-parallel mode (default: the planner chooses)")
     parser.add_argument("--microbatches", type=int, default=None,
                         help="micro-batches per replica (default: the planner chooses)")
-    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe"],
-                        help="pipeline schedule (default: the planner chooses)")
+    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe", "interleaved-1f1b"],
+                        help="pipeline schedule (default: the planner chooses; interleaved-1f1b holds 2 or 4 stages "
+                             "per pipeline rank)")
     parser.add_argument("--devices-per-node", type=int, default=8, help="devices sharing the fast link (default 8)")
     parser.add_argument("--device", default="h100", help="h100, h200, a100 or cpu (default h100)")
     parser.add_argument("--inference", action="store_true", help="plan inference instead of training")
