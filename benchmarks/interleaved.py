@@ -175,10 +175,10 @@ Same start, same loss (the 4 implementations train the model's own parameters fr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-write", action="store_true", help="print the table without writing it")
     parser.add_argument("--rank-out", help=argparse.SUPPRESS)
     args = parser.parse_args()

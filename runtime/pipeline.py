@@ -72,6 +72,7 @@ class StageDriver:
         self.device = device
         self.where = where
         self._pending: list = []
+        self._posted: dict[tuple, tuple] = {}      # (stage, mb, kind) -> (receive works, buffers), posted ahead
         self.live_log: list[int] = []
 
     # -- a training step -------------------------------------------------------------------
@@ -90,6 +91,7 @@ class StageDriver:
         log_live = []
         for i, action in enumerate(actions):
             s, mb = action.stage, action.microbatch
+            self._post_ahead(actions[i + 1:i + 1 + LOOKAHEAD], symbols, state)
             if action.kind == "F":
                 ctx = live.recording((s, mb)) if live is not None else _null()
                 with ctx:
@@ -168,6 +170,33 @@ class StageDriver:
         return values
 
     # -- communication ------------------------------------------------------------------------------
+    def _post_ahead(self, upcoming: list[Action], symbols: list[dict], state: dict) -> None:
+        """Post the receives of the next actions now, so their transfers run under this action's compute:
+        a point-to-point transfer starts only once its receive is posted (gloo), and would otherwise add
+        its whole latency to the action that waits for it. Sizes come from the batch (forward) or the
+        stage's own outputs of that micro-batch (backward)."""
+        for a in upcoming:
+            key = (a.stage, a.microbatch, a.kind)
+            if key in self._posted:
+                continue
+            if a.kind == "F" and a.stage > 0:
+                specs = input_specs(self.graphs[a.stage], symbols[a.microbatch])
+                if specs is None:
+                    continue                      # sizes known only from data: received when needed (and refused)
+                specs = [(x[1], x[2]) for x in specs if x[0] == "tensor"]
+            elif a.kind == "B" and a.stage < self.n_stages - 1 and (a.stage, a.microbatch) in state:
+                outputs = state[a.stage, a.microbatch][1]
+                specs = [(t.dtype, t.shape) for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            else:
+                continue
+            self._posted[key] = self._post(specs, a.stage, a.microbatch, a.kind)
+
+    def _post(self, specs, stage: int, mb: int, kind: str) -> tuple:
+        src = self.rank_of_stage(stage - 1 if kind == "F" else stage + 1)
+        out = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        works = [dist.irecv(buf, src, tag=_tag(stage, self.n_stages, mb, kind, i)) for i, buf in enumerate(out)]
+        return works, out
+
     def _send(self, tensors: list, to_stage: int, mb: int, kind: str) -> None:
         """Activations (``"F"``) or input gradients (``"B"``) for stage ``to_stage``, on the rank holding it."""
         dst = self.rank_of_stage(to_stage)
@@ -176,11 +205,9 @@ class StageDriver:
             self._pending.append((dist.isend(t, dst, tag=_tag(to_stage, self.n_stages, mb, kind, i)), t))
 
     def _recv_tensors(self, specs, stage: int, mb: int, kind: str) -> list[torch.Tensor]:
-        """What stage ``stage`` receives: from the stage before it (``"F"``) or after it (``"B"``)."""
-        src = self.rank_of_stage(stage - 1 if kind == "F" else stage + 1)
-        out = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
-        # post every receive at once so the transfers overlap, then wait for all
-        works = [dist.irecv(buf, src, tag=_tag(stage, self.n_stages, mb, kind, i)) for i, buf in enumerate(out)]
+        """What stage ``stage`` receives: from the stage before it (``"F"``) or after it (``"B"``); posted ahead
+        (``_post_ahead``) or now, every tensor at once so the transfers overlap, then waited for."""
+        works, out = self._posted.pop((stage, mb, kind), None) or self._post(specs, stage, mb, kind)
         for work in works:
             work.wait()
         return out
@@ -198,6 +225,9 @@ class StageDriver:
         except Exception as e:
             raise StageError(f"{self.where} failed at action {action} of stage {action.stage}: "
                              f"{type(e).__name__}: {e}") from e
+
+
+LOOKAHEAD = 2       # actions whose receives are posted before they run
 
 
 def _tag(stage: int, n_stages: int, mb: int, kind: str, index: int) -> int:
