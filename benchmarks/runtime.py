@@ -1,7 +1,8 @@
 """Pipeline runtime speed: fxpart's ``Runner`` against ``torch.distributed.pipelining`` on 2 CPU ranks.
 
 A deep MLP (``passes.zoo.mlp``) is partitioned into 2 stages with
-``partition(model, 2, inputs, strategy="pipeline", device="h100", n_microbatches=m)`` for m = 4 and 8. Every rank
+``partition(model, 2, inputs, strategy="pipeline", device="h100", n_microbatches=m, schedule="1f1b")`` for m = 4
+and 8 (one stage per rank, which both torch schedules here need). Every rank
 builds the same plans; for each (m, schedule) the SAME stage modules are trained by
 
 * ``fxpart``: ``runtime.Runner(plan, schedule=..., n_microbatches=m, ...)``;
@@ -89,14 +90,14 @@ class _ComputeClock:
         self.recv_s = 0.0
         self._runner = runner
         if runner is not None:   # fxpart: time blocked in its point-to-point receives (tensors; a shape header only when a stage input has no static shape)
-            recv = runner._recv_tensors
+            recv = runner.driver._recv_tensors
 
             def timed_recv(*args, **kwargs):
                 t0 = time.perf_counter()
                 out = recv(*args, **kwargs)
                 self.recv_s += time.perf_counter() - t0
                 return out
-            runner._recv_tensors = timed_recv
+            runner.driver._recv_tensors = timed_recv
         self.forward_s: list[float] = []
         self.backward_s: list[float] = []
         self.optimizer_s = 0.0
@@ -126,7 +127,7 @@ class _ComputeClock:
     def close(self) -> None:
         torch.autograd.backward = self._backward
         if self._runner is not None:
-            del self._runner._recv_tensors
+            del self._runner.driver._recv_tensors
         for h in self._handles:
             h.remove()
 
@@ -170,7 +171,7 @@ def _run_rank(args, out_path: str) -> None:
     y = torch.randn_like(x)
     results = []
     for m in MICROBATCHES:
-        plan = partition(model, N_STAGES, (x,), strategy="pipeline", device="h100", n_microbatches=m)
+        plan = partition(model, N_STAGES, (x,), strategy="pipeline", device="h100", n_microbatches=m, schedule="1f1b")
         for ours, theirs in SCHEDULES:
             runner = Runner(plan, schedule=ours, n_microbatches=m, loss_fn=F.mse_loss, optimizer_fn=_sgd)
             direct = _TorchPipeline(plan, rank, theirs, m)
@@ -238,7 +239,8 @@ def _report(gathered: list, args, elapsed_s: float) -> str:
     return f"""# Pipeline runtime: fxpart Runner vs torch.distributed.pipelining (2 CPU ranks, gloo)
 
 Model: `passes.zoo.mlp(depth={args.depth}, width={args.width}, batch={args.batch})`, MSE loss, SGD;
-`partition(model, 2, (x,), strategy="pipeline", device="h100", n_microbatches=m)`; 2 ranks on 127.0.0.1 (gloo),
+`partition(model, 2, (x,), strategy="pipeline", device="h100", n_microbatches=m, schedule="1f1b")` (one stage
+per rank; interleaving is measured in `interleaved.md`); 2 ranks on 127.0.0.1 (gloo),
 `torch.set_num_threads(1)` per rank. {args.warmup} warm-up steps per implementation, then the
 median of {args.steps} timed steps, the implementations interleaved (order rotated each step), a
 barrier before each step, a step's time taken on the slowest rank. Total run {elapsed_s:.0f} s.
@@ -268,8 +270,8 @@ module's forward (forward pre/post hooks; the loss on the last stage is not coun
 inside `torch.autograd.backward` (wrapped only for these steps). `idle (step)` = 1 - compute /
 step wall time; `idle (excl. optimizer)` subtracts the optimizer step (optimizer step hooks)
 from the wall time, which is what the bubble formula describes. `blocked in recv`: the share of
-that time the Runner spends in its blocking receives (its private `_recv_tensors`, wrapped for
-these steps). `simulated` is
+that time the Runner spends in its blocking receives (its driver's private `_recv_tensors`, wrapped for
+these steps; receives posted ahead are waited for there too). `simulated` is
 `partitioner.schedules.simulate` with the measured median F and B time of each stage (no
 communication cost). `theory` is (p-1)/(m+p-1) with p = 2. The last column measures torch's
 schedules on the same module the same way. Idle above the simulated value is communication

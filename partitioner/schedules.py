@@ -124,7 +124,7 @@ def make_schedule(name: str, n_ranks: int, n_microbatches: int, n_virtual: int =
         return interleaved_1f1b(n_ranks, n_microbatches, n_virtual)
     if n_virtual != 1:
         raise ValueError(f"schedule={name!r} runs one stage per pipeline rank, but the plan holds {n_virtual} per "
-                         f"rank; use schedule={INTERLEAVED!r}")
+                         f"rank; use schedule={INTERLEAVED!r}, or plan with schedule={name!r} (or n_virtual=1)")
     return SCHEDULES[name](n_ranks, n_microbatches)
 
 

@@ -156,7 +156,9 @@ def _stage_indices(schedule: str, rank: int, world: int, n_stages: int) -> list[
         raise ValueError(f"schedule={schedule!r} is not supported; use one of {SINGLE_STAGE + MULTI_STAGE}")
     if schedule in SINGLE_STAGE:
         if n_stages != world:
-            raise ValueError(f"{schedule} runs one stage per rank: the plan has {n_stages} stages for {world} ranks")
+            raise ValueError(f"{schedule} runs one stage per rank: the plan has {n_stages} stages for {world} ranks; "
+                             f"plan with partition(..., schedule='1f1b') for one stage per rank, or run a multi-stage "
+                             f"schedule ({', '.join(MULTI_STAGE)})")
         return [rank]
     if n_stages % world or n_stages == world:
         raise ValueError(f"{schedule} needs several stages per rank: partition into a multiple of {world} "

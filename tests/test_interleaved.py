@@ -128,7 +128,7 @@ def test_the_runner_refuses_a_schedule_the_plan_cannot_run_before_any_process_gr
     from runtime import Runner
     model, inputs = _deep()
     plan = partitioner.partition(model, 2, inputs, strategy="pipeline", device="h100", n_virtual=2, n_microbatches=2)
-    with pytest.raises(ValueError, match="holds 2 per rank; use schedule='interleaved-1f1b'"):
+    with pytest.raises(ValueError, match="holds 2 per rank; use schedule=.interleaved-1f1b., or plan with schedule=.1f1b."):
         Runner(plan, schedule="1f1b")
     with pytest.raises(ValueError, match="not a multiple of 2"):
         Runner(plan, n_microbatches=3)
