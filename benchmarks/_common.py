@@ -80,3 +80,14 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / name
     path.write_text(text if text.endswith("\n") else text + "\n")
     return path
+
+
+def run_ranks(script: str, argv: list[str], world: int, out_path: str, *, timeout_s: float) -> list[str]:
+    """Run ``script argv --rank-out out_path`` on ``world`` local ranks (gloo, ``runtime.launch``); returns every
+    rank's log, or raises with the log of the first rank that failed."""
+    from runtime.launch import launch_local
+    codes, logs = launch_local([script, *argv, "--rank-out", out_path], world, timeout_s=timeout_s)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        if code != 0:
+            raise RuntimeError(f"rank {r} of {world} exited with {code}:\n{log[-4000:]}")
+    return logs

@@ -30,9 +30,8 @@ import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import md_table, median, write_result
+from _common import md_table, median, run_ranks, write_result
 
-from runtime.launch import launch_local  # noqa: E402
 
 WORLD = 2
 MICROBATCHES = (2, 4)
@@ -190,11 +189,7 @@ def main() -> None:
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "interleaved.json")
-        codes, logs = launch_local([__file__, *argv, "--rank-out", out_path], WORLD, timeout_s=900)
-        for r, (code, log) in enumerate(zip(codes, logs)):
-            if code != 0:
-                raise RuntimeError(f"rank {r} exited with {code}:\n{log[-4000:]}")
-        print(logs[0], end="")
+        print(run_ranks(__file__, argv, WORLD, out_path, timeout_s=900)[0], end="")
         with open(out_path) as f:
             gathered = json.load(f)
     text = _report(gathered, args, time.monotonic() - start)

@@ -44,9 +44,8 @@ import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import md_table, median, spearman, write_result
+from _common import md_table, median, run_ranks, spearman, write_result
 
-from runtime.launch import launch_local  # noqa: E402
 
 MESHES = {2: (("dp=2", {"dp": 2}), ("pp=2", {"pp": 2}), ("tp=2", {"tp": 2})),
           4: (("dp=4", {"dp": 4}), ("dp=2 x pp=2", {"dp": 2, "pp": 2}), ("pp=4", {"pp": 4}), ("tp=4", {"tp": 4}))}
@@ -348,10 +347,7 @@ def _detail(cost) -> dict:
 
 # -- launch and report ------------------------------------------------------------------------------
 def _launch(world: int, argv: list[str], out_path: str, timeout_s: float) -> dict:
-    codes, logs = launch_local([__file__, *argv, "--rank-out", out_path], world, timeout_s=timeout_s)
-    for r, (code, log) in enumerate(zip(codes, logs)):
-        if code != 0:
-            raise RuntimeError(f"rank {r} of {world} exited with {code}:\n{log[-4000:]}")
+    run_ranks(__file__, argv, world, out_path, timeout_s=timeout_s)
     with open(out_path) as f:
         return json.load(f)
 

@@ -36,9 +36,8 @@ import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import md_table, median, write_result
+from _common import md_table, median, run_ranks, write_result
 
-from runtime.launch import launch_local  # noqa: E402
 
 N_STAGES = 2
 MICROBATCHES = (4, 8)
@@ -203,11 +202,7 @@ def _run_rank(args, out_path: str) -> None:
 
 # -- launch and report ---------------------------------------------------------------------------
 def _launch(argv: list[str], out_path: str, timeout_s: float) -> None:
-    codes, logs = launch_local([__file__, *argv, "--rank-out", out_path], N_STAGES, timeout_s=timeout_s)
-    for r, (code, log) in enumerate(zip(codes, logs)):
-        if code != 0:
-            raise RuntimeError(f"rank {r} exited with {code}:\n{log[-4000:]}")
-    print(logs[0], end="")
+    print(run_ranks(__file__, argv, N_STAGES, out_path, timeout_s=timeout_s)[0], end="")
 
 
 def _report(gathered: list, args, elapsed_s: float) -> str:

@@ -75,6 +75,12 @@ class _Graphs:
     forward_share: np.ndarray      # [n+1] prefix of forward seconds (whole example), to split stage time
     unit_param_bytes: float
     allowed: np.ndarray | None     # cut positions of a deep graph (block and sub-block boundaries), or None: any
+    blocks: np.ndarray | None = None   # per node in compute order, its block's number (-1: outside blocks)
+
+    def n_units(self, start: int, end: int) -> int:
+        """Blocks among nodes ``[start, end)`` (at least 1): a stage's FSDP groups and gradient buckets."""
+        codes = self.blocks[start:end]
+        return max(1, len(np.unique(codes[codes >= 0])))
 
     @property
     def shards(self) -> list | None:
@@ -119,7 +125,10 @@ class Planner:
         forward = np.concatenate([[0.0], np.cumsum(costs.node_forward)])
         n_cuttable = int(costs.cuttable.sum())
         allowed = unit_boundaries(costs.order) if n_cuttable > self.coarse_above else None
-        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs), allowed)
+        keys = [_block_key(n) for n in costs.order.nodes]
+        number = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k))}
+        blocks = np.array([number.get(k, -1) for k in keys], dtype=np.int64)
+        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs, keys), allowed, blocks)
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
@@ -131,8 +140,9 @@ class Planner:
         so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
         state alone exceeds the memory limit without cutting it (False: cut it, to say what each
         stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
-        ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, and a rank's
-        memory the sum of its stages' (held under the limit by keeping each stage under ``1 / n_virtual`` of it).
+        ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, a rank's memory
+        the sum of its stages', and only the fastest cuts (where they do not fit, 1F1B's memory-balanced cuts
+        are the candidate to take).
         """
         dp, tp, pp, m, v = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches, n_virtual
         n_stages = pp * v
@@ -164,10 +174,15 @@ class Planner:
             positions = self._fastest_cuts(tp, n_stages, costs, allowed, recompute)   # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
             need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+            if limit is not None and max(sum(need[r::pp]) for r in range(pp)) > limit and v > 1:
+                # interleaving is for speed: where the fastest cuts do not fit, 1F1B's memory-balanced ones serve
+                per_rank = [sum(need[r::pp]) for r in range(pp)]
+                text = ", ".join(f"rank {r}: {format_bytes(b)}" for r, b in enumerate(per_rank))
+                return _reject(base, f"does not fit memory_limit={format_bytes(limit)} with its fastest cuts: needs "
+                                     f"{text}", max(per_rank), text)
             if limit is not None and max(sum(need[r::pp]) for r in range(pp)) > limit:
                 try:
-                    positions = solve_cuts(costs, n_stages, memory_limit=limit / v, memory_of=memory_of,
-                                           allowed=allowed)
+                    positions = solve_cuts(costs, n_stages, memory_limit=limit, memory_of=memory_of, allowed=allowed)
                 except ValueError:
                     need, text = explain_memory(costs, n_stages, memory_of, allowed=allowed)
                     return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
@@ -178,8 +193,7 @@ class Planner:
             text = ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(per_rank)) if v == 1 else \
                 ", ".join(f"rank {r} (stages {', '.join(map(str, range(r, n_stages, pp)))}): {format_bytes(b)}"
                           for r, b in enumerate(per_rank))
-            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", max(per_rank),
-                           "stage " + text if v > 1 else text)
+            return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", max(per_rank), text)
         cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
                              spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
                              optimizer=self.optimizer, precision=self.precision, n_virtual=v)
@@ -239,7 +253,7 @@ class Planner:
                            grad_bytes=floats, collective_s=fraction * sum(c.time_s for c in collective),
                            collective_bytes=fraction * sum(c.output_bytes for c in collective),
                            collective_forward_s=fraction * sum(c.forward_time_s for c in collective),
-                           param_bytes=float(params[0]), n_units=_units(nodes),
+                           param_bytes=float(params[0]), n_units=g.n_units(start, end),
                            memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
 
 
@@ -271,17 +285,13 @@ def _block_key(node) -> str:
     return block_path(node) or ""
 
 
-def _units(nodes) -> int:
-    return max(1, len({_block_key(n) for n in nodes} - {""}))
-
-
-def _largest_unit_params(costs: PipelineCosts) -> float:
+def _largest_unit_params(costs: PipelineCosts, keys: list[str]) -> float:
     """What a sharded stage holds gathered at once: the largest block's (``...layers.3``) parameters and
     those outside blocks (the root group's: embeddings, head, final norm)."""
     per: dict[str, float] = {}
     prefix = costs.params
     for i, node in enumerate(costs.order.nodes):
-        per[_block_key(node)] = per.get(_block_key(node), 0.0) + float(prefix[i + 1] - prefix[i])
+        per[keys[i]] = per.get(keys[i], 0.0) + float(prefix[i + 1] - prefix[i])
     root = per.pop("", 0.0)
     return max(per.values(), default=0.0) + root
 
@@ -327,13 +337,25 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
     for mesh in ordered:
         best_here = None
         for m in _microbatch_counts(planner.batch, mesh, n_microbatches):
-            for sched, v in _schedules(planner, mesh, m, schedule, pinned=positions is not None, n_virtual=n_virtual):
-                for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
-                    c = score(mesh, m, sched, mode, bool(recompute), v)
-                    if recompute is None and _activations_too_big(c):
+            options = _schedules(planner, mesh, m, schedule, pinned=positions is not None, n_virtual=n_virtual)
+            for mode in ([data_parallel] if data_parallel else (DP_MODES if mesh["dp"] > 1 else ("replicate",))):
+                plain = None                     # this (mesh, m, mode) under one stage per rank, tried first
+                for sched, v in options:
+                    again = bool(recompute)
+                    if v > 1 and plain is not None:
+                        why = _interleaving_cannot_help(plain, v, best)
+                        if why:
+                            tried.append(_reject(Candidate(dict(mesh), m, sched, mode, recompute=plain.recompute,
+                                                           n_virtual=v), why))
+                            continue
+                        again = plain.recompute or again
+                    c = score(mesh, m, sched, mode, again, v)
+                    if recompute is None and not again and _activations_too_big(c):
                         tried.append(c)
                         c = score(mesh, m, sched, mode, True, v)
                     tried.append(c)
+                    if v == 1:
+                        plain = c
                     if c.fits and (best_here is None or c.step_time_s < best_here.step_time_s):
                         best_here = c
                     if c.fits and (best is None or c.step_time_s < best.step_time_s):
@@ -353,6 +375,24 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
 
 
 VIRTUAL = (2, 4)      # stages per rank interleaved 1F1B tries
+
+
+def _interleaving_cannot_help(plain: Candidate, v: int, best: Candidate | None) -> str:
+    """Why interleaving ``v`` stages per rank is not worth evaluating, given the same candidate under 1F1B ("" if
+    it is). It keeps more micro-batch stages in flight than 1F1B, so where 1F1B's activations do not fit
+    (recomputed or not) neither do its; and it shortens the fill and drain by ``1 - 1/v`` of 1F1B's bubble
+    for ``v`` times the sends, so a 1F1B step that minus that share is no faster than the best found is
+    skipped (the rule ignores what finer cuts may gain in balance)."""
+    if not plain.fits:
+        return ("holds more micro-batches in flight than 1F1B, whose activations do not fit either"
+                if _activations_too_big(plain) else "")
+    if best is None:
+        return ""
+    bound = plain.step_time_s * (1.0 - plain.bubble_fraction * (1.0 - 1.0 / v))
+    if bound >= best.step_time_s:
+        return (f"cannot beat {best.label()} ({format_seconds(best.step_time_s)}): interleaving shortens its "
+                f"1F1B bubble ({plain.bubble_fraction:.0%} of {format_seconds(plain.step_time_s)}) by 1 - 1/{v} at most")
+    return ""
 
 
 def _schedules(planner: Planner, mesh: dict, m: int, schedule: str | None, *, pinned: bool = False,
