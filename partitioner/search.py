@@ -141,8 +141,8 @@ class Planner:
         state alone exceeds the memory limit without cutting it (False: cut it, to say what each
         stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
         ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, a rank's memory
-        the sum of its stages', and only the fastest cuts (where they do not fit, 1F1B's memory-balanced cuts
-        are the candidate to take).
+        the sum of its stages' (cut under the limit by giving each stage its share of its rank's memory at
+        the fastest cuts).
         """
         dp, tp, pp, m, v = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches, n_virtual
         n_stages = pp * v
@@ -174,16 +174,20 @@ class Planner:
             positions = self._fastest_cuts(tp, n_stages, costs, allowed, recompute)   # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
             need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
-            if limit is not None and max(sum(need[r::pp]) for r in range(pp)) > limit and v > 1:
-                # interleaving is for speed: where the fastest cuts do not fit, 1F1B's memory-balanced ones serve
-                per_rank = [sum(need[r::pp]) for r in range(pp)]
-                text = ", ".join(f"rank {r}: {format_bytes(b)}" for r, b in enumerate(per_rank))
-                return _reject(base, f"does not fit memory_limit={format_bytes(limit)} with its fastest cuts: needs "
-                                     f"{text}", max(per_rank), text)
-            if limit is not None and max(sum(need[r::pp]) for r in range(pp)) > limit:
+            per_rank = [sum(need[r::pp]) for r in range(pp)]
+            if limit is not None and max(per_rank) > limit:
+                # a rank's stages share its memory: each stage may hold its share of the rank's need at the
+                # fastest cuts (the sum then fits; with one stage per rank, the whole limit)
+                share = np.array([need[k] / per_rank[k % pp] for k in range(n_stages)])
                 try:
-                    positions = solve_cuts(costs, n_stages, memory_limit=limit, memory_of=memory_of, allowed=allowed)
+                    positions = solve_cuts(costs, n_stages, memory_limit=limit, allowed=allowed,
+                                           memory_of=memory_of if v == 1 else
+                                           (lambda k, starts, ends: memory_of(k, starts, ends) / share[k]))
                 except ValueError:
+                    if v > 1:
+                        text = ", ".join(f"rank {r}: {format_bytes(b)}" for r, b in enumerate(per_rank))
+                        return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: its fastest cuts need "
+                                             f"{text}", max(per_rank), text)
                     need, text = explain_memory(costs, n_stages, memory_of, allowed=allowed)
                     return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
         bounds = [0] + list(positions) + [len(costs.order)]
