@@ -133,7 +133,7 @@ class Planner:
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
                  positions: list[int] | None = None, near: tuple | None = None, quick: bool = True,
-                 recompute: bool = False, n_virtual: int = 1) -> Candidate:
+                 recompute: bool = False, n_virtual: int = 1, beat: Candidate | None = None) -> Candidate:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
         A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
@@ -142,7 +142,9 @@ class Planner:
         stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
         ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, a rank's memory
         the sum of its stages' (cut under the limit by giving each stage its share of its rank's memory at
-        the fastest cuts).
+        the fastest cuts). ``beat``: the best candidate found so far; where the fastest cuts do not fit,
+        the step they would take is simulated first, and a candidate no faster than ``beat`` even there is
+        rejected without searching cuts under the limit (those are never better balanced).
         """
         dp, tp, pp, m, v = mesh["dp"], mesh["tp"], mesh["pp"], n_microbatches, n_virtual
         n_stages = pp * v
@@ -175,6 +177,11 @@ class Planner:
             bounds = [0] + list(positions) + [len(costs.order)]
             need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
             per_rank = [sum(need[r::pp]) for r in range(pp)]
+            if limit is not None and max(per_rank) > limit and beat is not None:
+                unlimited = self._simulate(g, costs, memory_of, mesh, schedule, m, data_parallel, v, positions)
+                if unlimited.step_time_s >= beat.step_time_s:
+                    return _reject(base, f"cannot beat {beat.label()} ({format_seconds(beat.step_time_s)}): even its "
+                                         f"fastest cuts, which do not fit, take {format_seconds(unlimited.step_time_s)}")
             if limit is not None and max(per_rank) > limit:
                 # a rank's stages share its memory: each stage may hold its share of the rank's need at the
                 # fastest cuts (the sum then fits; with one stage per rank, the whole limit)
@@ -190,20 +197,29 @@ class Planner:
                                              f"{text}", max(per_rank), text)
                     need, text = explain_memory(costs, n_stages, memory_of, allowed=allowed)
                     return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", need, text)
-        bounds = [0] + list(positions) + [len(costs.order)]
-        timings = [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+        timings = self._timings(g, costs, memory_of, positions)
         per_rank = [sum(t.memory_bytes for t in timings[r::pp]) for r in range(pp)]
         if limit is not None and max(per_rank) > limit:
             text = ", ".join(f"stage {k}: {format_bytes(b)}" for k, b in enumerate(per_rank)) if v == 1 else \
                 ", ".join(f"rank {r} (stages {', '.join(map(str, range(r, n_stages, pp)))}): {format_bytes(b)}"
                           for r, b in enumerate(per_rank))
             return _reject(base, f"does not fit memory_limit={format_bytes(limit)}: needs {text}", max(per_rank), text)
-        cost = simulate_plan(timings, mesh=mesh, schedule=schedule, n_microbatches=m, data_parallel=data_parallel,
-                             spec=self.spec, devices_per_node=self.devices_per_node, training=self.training,
-                             optimizer=self.optimizer, precision=self.precision, n_virtual=v)
+        cost = self._simulate(g, costs, memory_of, mesh, schedule, m, data_parallel, v, positions, timings)
         return Candidate(dict(mesh), m, schedule, data_parallel, step_time_s=cost.step_time_s, peak_bytes=cost.peak_bytes,
                          bubble_fraction=cost.bubble_fraction, comm_s=sum(a.time_s for a in cost.axes),
                          positions=tuple(positions), cost=cost, recompute=recompute, n_virtual=v)
+
+    def _timings(self, g: _Graphs, costs: PipelineCosts, memory_of, positions) -> list[StageTiming]:
+        bounds = [0] + list(positions) + [len(costs.order)]
+        return [self._timing(g, costs, memory_of, k, s, e) for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+
+    def _simulate(self, g: _Graphs, costs: PipelineCosts, memory_of, mesh: dict, schedule: str, m: int,
+                  data_parallel: str, v: int, positions, timings: list[StageTiming] | None = None):
+        """The simulated step of a candidate at the given cuts."""
+        return simulate_plan(timings or self._timings(g, costs, memory_of, positions), mesh=mesh, schedule=schedule,
+                             n_microbatches=m, data_parallel=data_parallel, spec=self.spec,
+                             devices_per_node=self.devices_per_node, training=self.training,
+                             optimizer=self.optimizer, precision=self.precision, n_virtual=v)
 
     def compute_floor(self, mesh: dict, n_microbatches: int, recompute: bool = False, n_virtual: int = 1) -> float:
         """A lower bound of a candidate's step from its compute alone, whatever the cuts.
@@ -334,7 +350,8 @@ def search(planner: Planner, candidate_meshes: list[dict], *, n_microbatches: in
             return _reject(Candidate(dict(mesh), m, sched, mode, recompute=again, n_virtual=v),
                            f"cannot beat {best.label()} ({format_seconds(best.step_time_s)}): its busiest stage "
                            f"computes at least {format_seconds(floor)}")
-        return planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=again, n_virtual=v)
+        return planner.evaluate(mesh, m, sched, mode, positions=positions, recompute=again, n_virtual=v,
+                                beat=best if len(candidate_meshes) > 1 or v > 1 else None)
 
     # the meshes whose compute alone is least first, so that a good step found early rules out the rest
     ordered = sorted(candidate_meshes, key=lambda mesh: planner.compute_floor(mesh, 1, bool(recompute)))
