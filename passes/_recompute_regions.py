@@ -41,7 +41,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ._keys import CAPTURE
-from ._util import block_path
+from ._util import block_path, written_bases
 from .flops import count_flops
 from .simulate import NodeTrace, StepTrace, _call_target
 
@@ -97,35 +97,16 @@ def _region_key(node: torch.fx.Node) -> str | None:
     return block_path(node)
 
 
-def _written(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The nodes whose values ``node`` writes into (in place or ``out=``), followed back through views."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.is_mutable:
-        return []
-    written = []
-    for i, arg in enumerate(schema.arguments):
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
-            written.append(_base(value))
-    return written
-
-
-def _base(node: torch.fx.Node) -> torch.fx.Node:
-    while getattr(node.target, "is_view", False) and node.args and isinstance(node.args[0], torch.fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _writes_outside(nodes: list[torch.fx.Node]) -> bool:
     inside = set(nodes)
-    return any(w not in inside for n in nodes for w in _written(n))
+    return any(w not in inside for n in nodes for w in written_bases(n))
 
 
 def _level_table(name: str, nodes: list[torch.fx.Node], trace: StepTrace) -> Region:
     """Levels of one region, with predicted bytes freed and FLOPs added by each step."""
     costs: dict[str, NodeTrace] = {n.name: trace.nodes.get(n.name, NodeTrace()) for n in nodes}
     needed = _needed_in_backward(nodes, costs)
-    written = {w.name for n in nodes for w in _written(n)}
+    written = {w.name for n in nodes for w in written_bases(n)}
     computing = [n.name for n in nodes if costs[n.name].flops > 0 and n.name in needed]
     keepable = [n for n in computing if costs[n].flop_output_bytes > 0 and n not in written]
     # most bytes freed per recomputed FLOP first

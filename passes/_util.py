@@ -115,6 +115,21 @@ def block_path(node: torch.fx.Node) -> str | None:
     return match.group(1) if match else None
 
 
+def written_bases(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose values ``node`` writes into (in place or ``out=``), followed back through views."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+            while getattr(value.target, "is_view", False) and value.args and isinstance(value.args[0], torch.fx.Node):
+                value = value.args[0]
+            written.append(value)
+    return written
+
+
 def tensors_of(value: Any) -> list[torch.Tensor]:
     """Every tensor inside a (possibly nested) value."""
     return [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]

@@ -23,6 +23,8 @@ wraps the module (shard).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.utils.checkpoint
 import torch.distributed as dist
@@ -108,6 +110,11 @@ def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_for
     """
     from torch.distributed.fsdp import fully_shard
     units = split_by_block(module, recompute=recompute)
+    # FSDP2 warns for every unit returning a view: an in-place op on it would drop the unit's pre-backward
+    # hook. A unit works on a copy of any input it writes in place (_copy_written_inputs), and the Runner
+    # refuses a loss_fn that writes the outputs in place, so the warning is silenced for our units only.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPUnit\d+|FSDPUnits)\) returned a view",
+                            category=UserWarning)
     shared = units.shared_params()
     for unit in units.units:
         own = list(unit.parameters())
@@ -172,6 +179,25 @@ class Recomputed(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(self.inner, *args, use_reentrant=False)
 
 
+def _copy_written_inputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` working on a copy of each input it writes in place (directly or through a view of it).
+
+    FSDP2 passes a unit's inputs through an autograd function and hooks its outputs; autograd forbids
+    writing in place into that function's outputs, and a write into a view output drops the hook.
+    """
+    from passes._util import written_bases
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {w for n in gm.graph.nodes for w in written_bases(n)}
+    for node in (n for n in inputs if n in written):
+        with gm.graph.inserting_after(inputs[-1]):
+            copy = gm.graph.call_function(torch.ops.aten.clone.default, (node,))
+        copy.meta = dict(node.meta)
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    if written & set(inputs):
+        gm.recompile()
+    return gm
+
+
 def split_by_block(gm: torch.fx.GraphModule, *, recompute: bool = False) -> Units:
     """``gm`` cut where a block (``layers.3``) begins or ends, at the first place a cut is allowed.
 
@@ -191,7 +217,8 @@ def split_by_block(gm: torch.fx.GraphModule, *, recompute: bool = False) -> Unit
                 cuts.append(cut)
         previous = block
     bounds = [0] + cuts + [len(order)]
-    units = [build_stage(order, s, e, name=f"Unit{i}") for i, (s, e) in enumerate(zip(bounds, bounds[1:]))]
+    units = [_copy_written_inputs(build_stage(order, s, e, name=f"Unit{i}"))
+             for i, (s, e) in enumerate(zip(bounds, bounds[1:]))]
     blocks = tuple(i for i, (s, e) in enumerate(zip(bounds, bounds[1:]))
                    if sum(block_path(n) is not None for n in order.nodes[s:e]) * 2 > e - s)
     original = {id(t): name for name, t in list(gm.named_parameters(remove_duplicate=False)) +

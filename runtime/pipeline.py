@@ -133,7 +133,13 @@ class StageDriver:
             return (inputs, outputs) if train else None
         if not train:
             return [v.detach() if isinstance(v, torch.Tensor) else v for v in outputs]
+        versions = [v._version if isinstance(v, torch.Tensor) else None for v in outputs]
         loss = loss_fn(unflatten(outputs), targets[mb])
+        if _is_sharded(self.modules[s]) and any(isinstance(v, torch.Tensor) and v._version != k
+                                                 for v, k in zip(outputs, versions)):
+            raise RuntimeError("loss_fn wrote the model's outputs in place; on a data_parallel='shard' stage that "
+                               "drops FSDP's pre-backward hook (its parameters are not gathered for backward). "
+                               "Use out-of-place ops in loss_fn (out = out * mask, not out *= mask)")
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
         return inputs, loss
@@ -241,3 +247,9 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is ``fully_shard``-ed (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)

@@ -35,6 +35,9 @@ from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
 from partitioner.sharding.layout import Shard, join_shards_like, segments_of
 from passes._keys import LOCAL_SLICE, SHARD
 
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single; older releases have only the former
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 __all__ = ["reduce_from_region", "copy_to_region", "gather_from_region", "sum_in_replicas",
            "vocab_parallel_cross_entropy", "megatron_graph", "join_shards"]
 
@@ -88,7 +91,7 @@ class _GatherFromRegion(torch.autograd.Function):
         group = _group(group_name)
         ctx.rank, ctx.group_size = dist.get_rank(group), group_size
         out = x.new_empty((group_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod

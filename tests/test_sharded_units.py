@@ -1,0 +1,124 @@
+"""A sharded stage (``data_parallel="shard"``) runs its graph as FSDP2 units, one per block.
+
+FSDP2 passes a unit's inputs through an autograd function and hooks its outputs: a block that
+writes its input in place (``ReLU(inplace=True)`` on what the previous block returned, a view)
+used to fail in autograd, and every unit returning a view printed a warning. Units now work on a
+copy of any input they write in place, and the Runner refuses a ``loss_fn`` that writes the
+model's outputs in place (which would drop FSDP's pre-backward hook silently).
+
+The slow test launches this file as a script once per rank.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.launch import launch_local
+
+
+class _Reshape(nn.Module):          # returns a view of its linear's output
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x).view(-1, 4, 4)
+
+
+class _InPlaceFirst(nn.Module):     # writes its input in place before anything else
+    def __init__(self):
+        super().__init__()
+        self.act, self.fc = nn.ReLU(inplace=True), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.act(x).flatten(1))
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Reshape(), _InPlaceFirst(), _Reshape(), _InPlaceFirst()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _case():
+    torch.manual_seed(0)
+    return _Model(), torch.randn(8, 16), torch.randn(8, 16)
+
+
+def test_a_unit_that_writes_its_input_in_place_works_on_a_copy_and_computes_the_same():
+    from passes import capture
+    from runtime.data_parallel import split_by_block
+    model, x, target = _case()
+    gm = capture(model, (x,))
+    units = split_by_block(gm)
+    copies = [sum(n.target is torch.ops.aten.clone.default for n in u.graph.nodes) for u in units.units]
+    writers = [any(str(n.target).startswith("aten.relu_") for n in u.graph.nodes) for u in units.units]
+    assert len(units.units) == 4 and copies == [int(w) for w in writers] == [0, 1, 0, 1]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (out,) = units(x1)              # the graph's outputs, as a tuple
+    torch.testing.assert_close(out, model(x2))
+    F.mse_loss(out, target).backward()
+    F.mse_loss(model(x2), target).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def _worker(out_path: str) -> None:
+    import torch.distributed as dist
+    from partitioner import partition
+    from runtime import Runner
+    warnings.simplefilter("always")
+    dist.init_process_group("gloo")
+    model, x, target = _case()
+    reference = _Model()
+    reference.load_state_dict(model.state_dict())
+    plan = partition(model, 2, (x,), strategy="data", data_parallel="shard", device="h100")
+    runner = Runner(plan, loss_fn=F.mse_loss, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings(record=True) as caught:        # every warning ("always" above), bar filtered ones
+        for _ in range(3):
+            runner.step((x,), target)
+            F.mse_loss(reference(x), target).backward()
+            opt.step()
+            opt.zero_grad()
+    state = runner.full_state_dict()
+
+    def writes_outputs(out, t):
+        out.mul_(2)
+        return F.mse_loss(out, t)
+    refused = ""
+    try:
+        Runner(plan, loss_fn=writes_outputs, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1)).step((x,), target)
+    except Exception as e:          # noqa: BLE001 - the message is what the test reads
+        refused = str(e)
+    if dist.get_rank() == 0:
+        torch.save({"state": state, "reference": reference.state_dict(), "refused": refused,
+                    "warnings": [str(w.message) for w in caught]}, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_units_that_write_inputs_in_place_train_equal_to_one_process(tmp_path):
+    out = tmp_path / "result.pt"
+    codes, logs = launch_local([__file__, str(out)], 2, timeout_s=300)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"rank {r} exited with {code}:\n{log[-4000:]}"
+    got = torch.load(out, weights_only=False)
+    for key, want in got["reference"].items():
+        torch.testing.assert_close(got["state"][key], want, rtol=1e-5, atol=1e-5)
+    assert not [w for w in got["warnings"] if "returned a view tensor" in w], got["warnings"]
+    assert "loss_fn wrote the model's outputs in place" in got["refused"], got["refused"]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
