@@ -7,9 +7,12 @@ packages win over the benchmark scripts named like them (``benchmarks/runtime.py
 """
 from __future__ import annotations
 
+import json
+import os
 import resource
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -91,3 +94,19 @@ def run_ranks(script: str, argv: list[str], world: int, out_path: str, *, timeou
         if code != 0:
             raise RuntimeError(f"rank {r} of {world} exited with {code}:\n{log[-4000:]}")
     return logs
+
+
+def gather_ranks(script: str, argv: list[str], world: int, *, timeout_s: float, echo: bool = False) -> Any:
+    """``run_ranks`` into a temporary file and return the JSON rank 0 wrote there (``echo``: print rank 0's log)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "ranks.json")
+        logs = run_ranks(script, argv, world, out_path, timeout_s=timeout_s)
+        if echo:
+            print(logs[0], end="")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def rank_argv(args, names: Sequence[str]) -> list[str]:
+    """``--name=value`` for each named option of ``args`` (argparse's), to hand the ranks what the parent was given."""
+    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names]

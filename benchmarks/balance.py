@@ -341,7 +341,7 @@ def _markdown(headers, rows, infos, timing, pipe, total_s) -> str:
         md_table(["step", "seconds"], [
             ["capture (`torch.export`)", f"{timing['capture_s']:.2f}"],
             ["estimate (fake training step, costs per node)", f"{timing['estimate_s']:.2f}"],
-            ["`partition(gm, 8, strategy="pipeline")` on the costed graph (reuses its estimate, solves, builds stages)",
+            ["`partition(gm, 8, strategy='pipeline')` on the costed graph (reuses its estimate, solves, builds stages)",
              f"{timing['partition_s']:.2f}"],
             ["planning alone: node costs to cuts (prefix sums, exact memory-capped solver)",
              f"{timing['solve_s']:.2f}"],

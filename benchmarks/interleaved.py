@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import md_table, median, run_ranks, write_result
+from _common import gather_ranks, md_table, median, rank_argv, write_result
 
 
 WORLD = 2
@@ -184,14 +183,9 @@ def main() -> None:
     if args.rank_out:
         _run_rank(args, args.rank_out)
         return
-    argv = [f"--depth={args.depth}", f"--width={args.width}", f"--batch={args.batch}", f"--warmup={args.warmup}",
-            f"--steps={args.steps}"]
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "interleaved.json")
-        print(run_ranks(__file__, argv, WORLD, out_path, timeout_s=900)[0], end="")
-        with open(out_path) as f:
-            gathered = json.load(f)
+    gathered = gather_ranks(__file__, rank_argv(args, ["depth", "width", "batch", "warmup", "steps"]), WORLD,
+                            timeout_s=900, echo=True)
     text = _report(gathered, args, time.monotonic() - start)
     if not args.no_write:
         write_result("interleaved.md", text)

@@ -29,14 +29,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _common import md_table, median, run_ranks, write_result
+from _common import gather_ranks, md_table, median, rank_argv, write_result
 
 
 N_STAGES = 2
@@ -201,10 +200,6 @@ def _run_rank(args, out_path: str) -> None:
 
 
 # -- launch and report ---------------------------------------------------------------------------
-def _launch(argv: list[str], out_path: str, timeout_s: float) -> None:
-    print(run_ranks(__file__, argv, N_STAGES, out_path, timeout_s=timeout_s)[0], end="")
-
-
 def _report(gathered: list, args, elapsed_s: float) -> str:
     from partitioner.schedules import make_schedule, simulate
     speed_rows, idle_rows = [], []
@@ -289,14 +284,9 @@ def main() -> None:
     if args.rank_out:
         _run_rank(args, args.rank_out)
         return
-    argv = [f"--depth={args.depth}", f"--width={args.width}", f"--batch={args.batch}", f"--warmup={args.warmup}",
-            f"--steps={args.steps}", f"--idle-steps={args.idle_steps}"]
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "runtime.json")
-        _launch(argv, out_path, timeout_s=600)
-        with open(out_path) as f:
-            gathered = json.load(f)
+    gathered = gather_ranks(__file__, rank_argv(args, ["depth", "width", "batch", "warmup", "steps", "idle_steps"]),
+                            N_STAGES, timeout_s=600, echo=True)
     text = _report(gathered, args, time.monotonic() - start)
     if not args.no_write:
         write_result("runtime.md", text)
