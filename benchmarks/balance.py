@@ -214,19 +214,9 @@ def planning_time(n_layer: int = 48, n: int = 8) -> dict:
     t2 = time.perf_counter()
     plan = partition(gm, n, subject.args, subject.kwargs, strategy="pipeline", device=DEVICE)
     t3 = time.perf_counter()
-    # the solver and stage building alone, on the costs partition() just wrote
-    from partitioner.pipeline import build_plan, memory_model
-    spec = get_device_spec(DEVICE)
-    costs = PipelineCosts.of(gm, training=True, link_Bps=spec.link_bandwidth_Bps, balance="time")
-    memory_of = memory_model(costs, n, training=True, schedule="1f1b", n_microbatches=n, optimizer="adamw")
-    positions = solve_cuts(costs, n, memory_limit=spec.memory_bytes, memory_of=memory_of)
-    t4 = time.perf_counter()
-    build_plan(gm, costs, positions, spec=spec, training=True, schedule="1f1b", n_microbatches=n,
-               optimizer="adamw", balance="time", model=plan.model)
-    t5 = time.perf_counter()
-    assert tuple(costs.order.nodes[p].name for p in positions) == plan.cuts
-    return {"nodes": len(costs.order), "capture_s": t1 - t0, "estimate_s": t2 - t1, "partition_s": t3 - t2,
-            "solve_s": t4 - t3, "build_s": t5 - t4, "ratio": plan.balance_ratio}
+    nodes = sum(n.op == "call_function" for n in gm.graph.nodes)
+    return {"nodes": nodes, "capture_s": t1 - t0, "estimate_s": t2 - t1, "partition_s": t3 - t2,
+            "ratio": plan.balance_ratio}
 
 
 def pipelining_stage0(n: int = 4) -> dict:
@@ -343,15 +333,12 @@ def _markdown(headers, rows, infos, timing, pipe, total_s) -> str:
             ["estimate (fake training step, costs per node)", f"{timing['estimate_s']:.2f}"],
             ["`partition(gm, 8, strategy='pipeline')` on the costed graph (reuses its estimate, solves, builds stages)",
              f"{timing['partition_s']:.2f}"],
-            ["planning alone: node costs to cuts (prefix sums, exact memory-capped solver)",
-             f"{timing['solve_s']:.2f}"],
-            ["planning alone: building the 8 stage GraphModules and their costs", f"{timing['build_s']:.2f}"],
         ]),
         "",
         f"{timing['nodes']} compute nodes; `balance=\"time\"` (default), memory capped at the H100's 80 GB; "
         f"compute / lower bound {timing['ratio']:.3f}. `partition()` reuses the estimate already on the graph "
-        "(same device, training, optimizer), then plans; the two 'planning alone' rows time the same steps again "
-        "on their own. The issue's bar: planning under 3 s.",
+        "(same device, training, optimizer), then searches (micro-batches, schedule, cuts) and builds the "
+        "stage modules. The issue's bar: planning under 3 s.",
         "",
         "## `torch.distributed.pipelining.pipeline()` on GPT-2 small, 4 stages (meta)",
         "",

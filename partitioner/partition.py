@@ -172,13 +172,16 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
 
 
 def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
-    """The winner of a search at block boundaries, its cuts then moved to any node of the parts around them."""
+    """The winner of a search at block boundaries, cut again exactly over every node where a better split's cuts can lie."""
     g = planner.graphs(best.mesh["tp"])
     if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
         return best
     fine = planner.evaluate(best.mesh, best.n_microbatches, best.schedule, best.data_parallel, near=best.positions,
                             recompute=best.recompute, n_virtual=best.n_virtual)
-    return fine if fine.fits and fine.step_time_s <= best.step_time_s else best
+    if not fine.fits:
+        return best
+    # balance="flops" asks for the cuts that balance FLOPs, which the exact solve gives, even where the step is slower
+    return fine if planner.balance == "flops" or fine.step_time_s <= best.step_time_s else best
 
 
 def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:

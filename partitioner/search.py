@@ -76,6 +76,7 @@ class _Graphs:
     unit_param_bytes: float
     allowed: np.ndarray | None     # cut positions of a deep graph (block and sub-block boundaries), or None: any
     blocks: np.ndarray | None = None   # per node in compute order, its block's number (-1: outside blocks)
+    flops: PipelineCosts | None = None  # balance="flops": FLOP costs the cuts balance (the step is still timed)
 
     def n_units(self, start: int, end: int) -> int:
         """Blocks among nodes ``[start, end)`` (at least 1): a stage's FSDP groups and gradient buckets."""
@@ -85,6 +86,9 @@ class _Graphs:
     @property
     def shards(self) -> list | None:
         return self.sharded.modules() if self.sharded is not None else None
+
+
+COARSE_ABOVE = 1500      # a graph with more cut positions than this is searched at block boundaries first
 
 
 @dataclass
@@ -99,7 +103,6 @@ class Planner:
     devices_per_node: int = 8
     batch: int = 1                          # the example's global batch (dim 0)
     precision: str = "fp32"                 # "mixed": a bf16/fp16 model with fp32 master weights and moments
-    coarse_above: int = 1500                # more cut positions than this: search at block boundaries
     _graphs: dict = field(default_factory=dict)
     _cuts: dict = field(default_factory=dict)
 
@@ -121,14 +124,16 @@ class Planner:
                                   devices_per_node=self.devices_per_node)
             info, graph = sharded.info, sharded.module(0)
         costs = PipelineCosts.of(graph, training=self.training, link_Bps=self.spec.link_bandwidth_Bps,
-                                 balance=self.balance, spec=self.spec)
+                                 balance="time", spec=self.spec)
+        flops = None if self.balance == "time" else \
+            PipelineCosts.of(graph, training=self.training, link_Bps=self.spec.link_bandwidth_Bps, balance=self.balance)
         forward = np.concatenate([[0.0], np.cumsum(costs.node_forward)])
         n_cuttable = int(costs.cuttable.sum())
-        allowed = unit_boundaries(costs.order) if n_cuttable > self.coarse_above else None
+        allowed = unit_boundaries(costs.order) if n_cuttable > COARSE_ABOVE else None
         keys = [_block_key(n) for n in costs.order.nodes]
         number = {k: i for i, k in enumerate(dict.fromkeys(k for k in keys if k))}
         blocks = np.array([number.get(k, -1) for k in keys], dtype=np.int64)
-        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs, keys), allowed, blocks)
+        return _Graphs(info, sharded, costs, forward, _largest_unit_params(costs, keys), allowed, blocks, flops)
 
     # -- one candidate ------------------------------------------------------------------------
     def evaluate(self, mesh: dict, n_microbatches: int, schedule: str, data_parallel: str, *,
@@ -137,7 +142,7 @@ class Planner:
         """Score one candidate: cuts for its micro-batch under the memory limit, then the simulated step.
 
         A deep graph's cuts are searched at block and sub-block boundaries; with ``near`` (cuts found
-        so), at any node of the parts next to those cuts. ``quick`` rejects a mesh whose parameter
+        so), at every node where a cut of a split as balanced as those can lie (``_windows``). ``quick`` rejects a mesh whose parameter
         state alone exceeds the memory limit without cutting it (False: cut it, to say what each
         stage would need). ``recompute``: every block recomputed in backward (``PipelineCosts.checkpointed``).
         ``n_virtual``: stages per pipeline rank (interleaved 1F1B): ``pp * n_virtual`` stages, a rank's memory
@@ -172,8 +177,10 @@ class Planner:
                                  unit_param_bytes=g.unit_param_bytes, precision=self.precision, n_virtual=v)
         limit = self.memory_limit
         if positions is None:
-            allowed = g.allowed if near is None else _around(g.allowed, near, len(costs.order))
-            positions = self._fastest_cuts(tp, n_stages, costs, allowed, recompute)   # the same for every schedule and mode
+            # balance="flops": cuts by FLOPs (in proportion for any micro-batch), the step timed as always
+            balanced = costs if g.flops is None else g.flops
+            allowed = g.allowed if near is None else _windows(balanced, near, n_stages)
+            positions = self._fastest_cuts(tp, n_stages, balanced, allowed, recompute)   # the same for every schedule and mode
             bounds = [0] + list(positions) + [len(costs.order)]
             need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
             per_rank = [sum(need[r::pp]) for r in range(pp)]
@@ -187,7 +194,7 @@ class Planner:
                 # fastest cuts (the sum then fits; with one stage per rank, the whole limit)
                 share = np.array([need[k] / per_rank[k % pp] for k in range(n_stages)])
                 try:
-                    positions = solve_cuts(costs, n_stages, memory_limit=limit, allowed=allowed,
+                    positions = solve_cuts(balanced, n_stages, memory_limit=limit, allowed=allowed,
                                            memory_of=memory_of if v == 1 else
                                            (lambda k, starts, ends: memory_of(k, starts, ends) / share[k]))
                 except ValueError:
@@ -233,7 +240,7 @@ class Planner:
         fill and drain, so there only what holds for any schedule: the busiest rank computes at least
         ``m T / pp``, and one micro-batch crosses every stage there and back (``T``).
         """
-        if self.balance != "time" or self.batch % (mesh["dp"] * n_microbatches):
+        if self.batch % (mesh["dp"] * n_microbatches):
             return 0.0
         g = self.graphs(mesh["tp"], recompute)
         if mesh["tp"] > 1 and not g.info.row and not g.info.expert:
@@ -277,17 +284,22 @@ class Planner:
                            memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
 
 
-def _around(boundaries: np.ndarray | None, cuts: tuple, n: int) -> np.ndarray | None:
-    """Every position between the boundaries on either side of each cut (the two parts it joins)."""
-    if boundaries is None:
-        return None
-    edges = np.concatenate([[0], boundaries, [n]])
-    spans = []
-    for cut in cuts:
-        i = int(np.searchsorted(edges, cut))
-        lo, hi = edges[max(i - 1, 0)], edges[min(i + 1, len(edges) - 1)]
-        spans.append(np.arange(lo, hi + 1))
-    return np.unique(np.concatenate(spans + [boundaries]))
+def _windows(costs: PipelineCosts, cuts: tuple, n_stages: int) -> np.ndarray:
+    """Every position where some cut of a split at least as balanced as ``cuts`` can lie, whatever the grid.
+
+    With ``B`` the slowest stage of ``cuts`` (work and sends), a split whose stages all cost at most ``B`` puts its
+    k-th cut where the prefix of work is within ``[total - (n - k) B, k B]`` (the k stages before it and the
+    n - k after it each hold at most ``B`` of work). The exact solver over these windows finds the exact
+    optimum; a coarse split close to it leaves narrow windows.
+    """
+    n = len(costs.order)
+    bounds = [0, *cuts, n]
+    slowest = max(costs.work[e] - costs.work[s] + costs.comm[s] + costs.comm[e] for s, e in zip(bounds, bounds[1:]))
+    slowest *= 1.0 + 1e-9
+    k = np.arange(1, n_stages)[:, None]
+    prefix = costs.work[None, 1:n]
+    inside = ((prefix >= costs.work[n] - (n_stages - k) * slowest) & (prefix <= k * slowest)).any(axis=0)
+    return np.union1d(np.flatnonzero(inside) + 1, list(cuts))
 
 
 def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:

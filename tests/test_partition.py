@@ -264,3 +264,45 @@ def test_tight_memory_limit_counts_the_tied_head_replica():
     plan = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100", memory_limit=limit)
     assert all(s.cost.memory_bytes <= limit for s in plan.stages)
     assert plan.cuts != free.cuts
+
+
+def _bottleneck(costs: PipelineCosts, cuts) -> float:
+    bounds = [0, *cuts, len(costs.order)]
+    return max(_stage_cost(costs.work, costs.comm, a, b) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("balance", ["time", "flops"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_cuts_from_block_boundaries_recut_in_their_windows_are_the_exact_optimum(name, balance):
+    from partitioner.pipeline import unit_boundaries
+    from partitioner.search import _windows
+    costs = _costed(name, balance)
+    for n in range(2, 9):
+        coarse = solve_cuts(costs, n, allowed=unit_boundaries(costs.order))
+        windows = _windows(costs, tuple(coarse), n)
+        fine = solve_cuts(costs, n, allowed=windows)
+        assert _bottleneck(costs, fine) == pytest.approx(_bottleneck(costs, solve_cuts(costs, n)), rel=1e-12), n
+
+
+def test_a_deep_graph_searched_at_block_boundaries_gets_the_exact_flop_balanced_cuts(monkeypatch):
+    # every graph counts as deep: the search cuts at block boundaries, then recuts the winner exactly
+    monkeypatch.setattr("partitioner.search.COARSE_ABOVE", 0)
+    model, args, kwargs = _model("llama")
+    costs = _costed("llama", "flops")
+    index = {node.name: k for k, node in enumerate(costs.order.nodes)}
+    from partitioner.pipeline import unit_boundaries
+    coarse = solve_cuts(costs, 2, allowed=unit_boundaries(costs.order))
+    assert _bottleneck(costs, coarse) > 1.05 * _bottleneck(costs, solve_cuts(costs, 2))   # the grid alone misses it
+    for n in (2, 3, 5):
+        plan = partitioner.partition(model, n, args, kwargs, strategy="pipeline", device="h100", balance="flops")
+        got = _bottleneck(costs, [index[name] for name in plan.cuts])
+        assert got == pytest.approx(_bottleneck(costs, solve_cuts(costs, n)), rel=1e-9), n
+
+
+def test_flop_balanced_plans_are_timed_in_seconds():
+    model, args, kwargs = _model("gpt2")
+    by_time = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100")
+    by_flops = partitioner.partition(model, 4, args, kwargs, strategy="pipeline", device="h100", balance="flops")
+    # the same model on the same device: the steps differ by the balance of their cuts, not by units
+    assert 0.5 < by_flops.cost.step_time_s / by_time.cost.step_time_s < 2.0
+    assert by_time.cost.step_time_s <= by_flops.cost.step_time_s * (1 + 1e-9)
