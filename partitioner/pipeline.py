@@ -195,14 +195,15 @@ def lower_bound(costs: PipelineCosts, n_stages: int) -> float:
 
 
 def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | None = None,
-               memory_of=None, allowed: np.ndarray | None = None) -> list[int]:
+               memory_of=None, allowed: np.ndarray | None = None, windows: list | None = None) -> list[int]:
     """Cut positions (``n_stages - 1`` of them) minimising the slowest stage, exactly.
 
     ``memory_of(stage_index, starts, ends) -> bytes`` (numpy, broadcasting ``starts`` against
     ``ends``) gives a stage's memory; stages above ``memory_limit`` are not allowed. ``allowed``
-    restricts the cuts to those positions (block and sub-block boundaries of a deep model).
+    restricts the cuts to those positions (block and sub-block boundaries of a deep model);
+    ``windows[k]`` the k-th cut to those positions (where an optimum's k-th cut must lie).
     A dynamic programme over stages, each step one vectorised (start x end) sweep in column
-    blocks: O(stages x positions^2) element operations.
+    blocks: O(stages x positions^2) element operations, or the sum of adjacent windows' products.
 
     Raises:
         ValueError: no split satisfies the cuttable positions and the memory limit.
@@ -210,32 +211,41 @@ def solve_cuts(costs: PipelineCosts, n_stages: int, *, memory_limit: float | Non
     n = len(costs.order)
     pos = np.flatnonzero(costs.cuttable)
     if allowed is not None:
-        pos = np.union1d(np.intersect1d(pos, allowed), [0, n])
+        pos = np.intersect1d(pos, allowed)
+    if windows is not None:
+        pos = np.intersect1d(pos, np.concatenate([np.asarray(w, dtype=np.int64) for w in windows] + [[0]]))
+    pos = np.union1d(pos[(pos > 0) & (pos < n)], [0, n]).astype(np.int64)
     size = len(pos)
+    if size <= n_stages:
+        raise ValueError("no feasible split")
     work, comm = costs.work[pos], costs.comm[pos]
+    everything = np.arange(1, size)
+    # ends[k]: indices (into pos) where stage k may end; the last stage ends at the graph's end
+    ends = [everything if windows is None else np.flatnonzero(np.isin(pos, windows[k]) & (pos > 0) & (pos < n))
+            for k in range(n_stages - 1)] + [np.array([size - 1])]
     # best[k, j]: the least slowest-stage cost of nodes [0, pos[j]) cut into k + 1 stages
     best = np.full((n_stages, size), np.inf)
     choice = np.zeros((n_stages, size), dtype=np.int64)
-    rows = np.arange(size)
-    block = max(1, 4_000_000 // size)
     for k in range(n_stages):
-        for first in range(0, size, block):
-            cols = rows[first:first + block]
-            stage = work[None, cols] - work[:, None] + comm[:, None] + comm[None, cols]     # [start, end]
-            if k == 0:
-                stage = np.where(rows[:, None] == 0, stage, np.inf)
-            else:
-                stage = np.maximum(best[k - 1][:, None], stage)
+        rows = np.array([0]) if k == 0 else ends[k - 1][np.isfinite(best[k - 1, ends[k - 1]])]
+        if not len(rows) or not len(ends[k]):
+            raise ValueError("no feasible split")
+        block = max(1, 4_000_000 // len(rows))
+        for first in range(0, len(ends[k]), block):
+            cols = ends[k][first:first + block]
+            stage = work[None, cols] - work[rows, None] + comm[rows, None] + comm[None, cols]     # [start, end]
+            if k > 0:
+                stage = np.maximum(best[k - 1, rows][:, None], stage)
             cand = np.where(rows[:, None] < cols[None, :], stage, np.inf)
             if memory_limit is not None:
                 live = np.isfinite(cand).any(axis=1)          # memory only where a start can be used
                 need = np.full(cand.shape, np.inf)
-                need[live] = memory_of(k, pos[live][:, None], pos[None, cols])
+                need[live] = memory_of(k, pos[rows[live]][:, None], pos[None, cols])
                 cand = np.where(need > memory_limit, np.inf, cand)
             pick = np.argmin(cand, axis=0)
             best[k, cols] = cand[pick, np.arange(len(cols))]
-            choice[k, cols] = pick
-    if size <= n_stages or not np.isfinite(best[n_stages - 1, size - 1]):
+            choice[k, cols] = rows[pick]
+    if not np.isfinite(best[n_stages - 1, size - 1]):
         raise ValueError("no feasible split")
     cuts, j = [], size - 1
     for k in range(n_stages - 1, 0, -1):

@@ -179,8 +179,9 @@ class Planner:
         if positions is None:
             # balance="flops": cuts by FLOPs (in proportion for any micro-batch), the step timed as always
             balanced = costs if g.flops is None else g.flops
-            allowed = g.allowed if near is None else _windows(balanced, near, n_stages)
-            positions = self._fastest_cuts(tp, n_stages, balanced, allowed, recompute)   # the same for every schedule and mode
+            allowed = g.allowed if near is None else None
+            windows = None if near is None else _windows(balanced, near, n_stages)
+            positions = self._fastest_cuts(tp, n_stages, balanced, allowed, recompute, windows, near)   # any schedule
             bounds = [0] + list(positions) + [len(costs.order)]
             need = [memory_of(k, np.array([s]), e)[0] for k, (s, e) in enumerate(zip(bounds, bounds[1:]))]
             per_rank = [sum(need[r::pp]) for r in range(pp)]
@@ -194,7 +195,7 @@ class Planner:
                 # fastest cuts (the sum then fits; with one stage per rank, the whole limit)
                 share = np.array([need[k] / per_rank[k % pp] for k in range(n_stages)])
                 try:
-                    positions = solve_cuts(balanced, n_stages, memory_limit=limit, allowed=allowed,
+                    positions = solve_cuts(balanced, n_stages, memory_limit=limit, allowed=allowed, windows=windows,
                                            memory_of=memory_of if v == 1 else
                                            (lambda k, starts, ends: memory_of(k, starts, ends) / share[k]))
                 except ValueError:
@@ -251,11 +252,13 @@ class Planner:
             return max(per_microbatch, m * per_microbatch / pp)
         return per_microbatch / (1.0 - (1.0 - 1.0 / m) ** pp)
 
-    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False) -> list[int]:
-        """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size)."""
-        key = (tp, pp, costs.fraction, recompute, None if allowed is None else (len(allowed), int(allowed.sum())))
+    def _fastest_cuts(self, tp: int, pp: int, costs: PipelineCosts, allowed, recompute: bool = False,
+                      windows: list | None = None, near: tuple | None = None) -> list[int]:
+        """The cuts minimising the slowest stage with no memory limit, per (tp, pp, micro-batch size) and the
+        grid (``allowed``) or the windows around the cuts ``near``."""
+        key = (tp, pp, costs.fraction, recompute, None if allowed is None else (len(allowed), int(allowed.sum())), near)
         if key not in self._cuts:
-            self._cuts[key] = solve_cuts(costs, pp, allowed=allowed)
+            self._cuts[key] = solve_cuts(costs, pp, allowed=allowed, windows=windows)
         return self._cuts[key]
 
     def _state_floor(self, g: _Graphs, mesh: dict, data_parallel: str) -> float:
@@ -284,8 +287,8 @@ class Planner:
                            memory_bytes=float(memory_of(k, np.array([start]), end)[0]))
 
 
-def _windows(costs: PipelineCosts, cuts: tuple, n_stages: int) -> np.ndarray:
-    """Every position where some cut of a split at least as balanced as ``cuts`` can lie, whatever the grid.
+def _windows(costs: PipelineCosts, cuts: tuple, n_stages: int) -> list[np.ndarray]:
+    """Per cut, every position where that cut of a split at least as balanced as ``cuts`` can lie, whatever the grid.
 
     With ``B`` the slowest stage of ``cuts`` (work and sends), a split whose stages all cost at most ``B`` puts its
     k-th cut where the prefix of work is within ``[total - (n - k) B, k B]`` (the k stages before it and the
@@ -296,10 +299,9 @@ def _windows(costs: PipelineCosts, cuts: tuple, n_stages: int) -> np.ndarray:
     bounds = [0, *cuts, n]
     slowest = max(costs.work[e] - costs.work[s] + costs.comm[s] + costs.comm[e] for s, e in zip(bounds, bounds[1:]))
     slowest *= 1.0 + 1e-9
-    k = np.arange(1, n_stages)[:, None]
-    prefix = costs.work[None, 1:n]
-    inside = ((prefix >= costs.work[n] - (n_stages - k) * slowest) & (prefix <= k * slowest)).any(axis=0)
-    return np.union1d(np.flatnonzero(inside) + 1, list(cuts))
+    prefix = costs.work[1:n]
+    return [np.union1d(np.flatnonzero((prefix >= costs.work[n] - (n_stages - k) * slowest) & (prefix <= k * slowest))
+                       + 1, [cut]) for k, cut in enumerate(cuts, start=1)]
 
 
 def _reject(base: Candidate, reason: str, need: float = 0.0, text: str = "") -> Candidate:

@@ -280,7 +280,7 @@ def test_cuts_from_block_boundaries_recut_in_their_windows_are_the_exact_optimum
     for n in range(2, 9):
         coarse = solve_cuts(costs, n, allowed=unit_boundaries(costs.order))
         windows = _windows(costs, tuple(coarse), n)
-        fine = solve_cuts(costs, n, allowed=windows)
+        fine = solve_cuts(costs, n, windows=windows)
         assert _bottleneck(costs, fine) == pytest.approx(_bottleneck(costs, solve_cuts(costs, n)), rel=1e-12), n
 
 
