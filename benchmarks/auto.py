@@ -58,7 +58,8 @@ CASES = {
     ]),
     "gpt3-1k": ("gpt-3-175b", 1024, 1536, 2048, [
         ("Megatron TP8 x PP8", {"dp": 16, "tp": 8, "pp": 8}, "replicate", "Megatron-LM GPT-3 175B, 42-47% MFU"),
-        ("Megatron TP8 x PP16", {"dp": 8, "tp": 8, "pp": 16}, "replicate", "Megatron-LM GPT-3 175B"),
+        ("Megatron TP8 x PP16", {"dp": 8, "tp": 8, "pp": 16}, "replicate",
+         "Megatron-LM GPT-3 175B, the same model with 16 pipeline stages"),
     ]),
 }
 
@@ -159,13 +160,14 @@ def report(results: list[dict], wall_s: float) -> str:
     table = md_table(["case", "model / configuration", "mesh (auto's choice or the published degrees)",
                       "step s (sim)", "MFU (sim)", "peak GB/device", "step / auto", "capture + plan (or eval) time",
                       "peak RSS GB"], rows)
-    sources = sorted({p["source"] for r in results for p in r["published"]})
+    sources = list(dict.fromkeys(f"{r['case']} {p['name']}: {p['source']}" for r in results for p in r["published"]))
     lines = ["# `strategy=\"auto\"` against published meshes (one simulator)", "",
              __doc__.split("\n\n", 1)[1].split("Writes")[0].strip(), "", table, ""]
     if notes:
         lines += ["Published meshes that do not fit 80 GB in this run, even with recomputation:", ""]
         lines += [f"- {n}" for n in notes] + [""]
-    lines += ["Published figures measured on real clusters:", ""] + [f"- {s}" for s in sources]
+    lines += ["Where each published configuration comes from (figures measured on real clusters):", ""]
+    lines += [f"- {s}" for s in sources]
     lines += ["", "Reading the table:", "",
               "- Times: `capture` (static, on meta) + `partition` (costing the graph, sharding it for each tensor "
               "degree, the search, building the chosen plan's modules); a candidate whose compute alone cannot "
