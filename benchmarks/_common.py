@@ -88,12 +88,8 @@ def write_result(name: str, text: str) -> Path:
 def run_ranks(script: str, argv: list[str], world: int, out_path: str, *, timeout_s: float) -> list[str]:
     """Run ``script argv --rank-out out_path`` on ``world`` local ranks (gloo, ``runtime.launch``); returns every
     rank's log, or raises with the log of the first rank that failed."""
-    from runtime.launch import launch_local
-    codes, logs = launch_local([script, *argv, "--rank-out", out_path], world, timeout_s=timeout_s)
-    for r, (code, log) in enumerate(zip(codes, logs)):
-        if code != 0:
-            raise RuntimeError(f"rank {r} of {world} exited with {code}:\n{log[-4000:]}")
-    return logs
+    from runtime.launch import run_local
+    return run_local([script, *argv, "--rank-out", out_path], world, timeout_s=timeout_s)
 
 
 def gather_ranks(script: str, argv: list[str], world: int, *, timeout_s: float, echo: bool = False) -> Any:

@@ -172,7 +172,8 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
 
 
 def _refined(planner: Planner, best: Candidate, pinned) -> Candidate:
-    """The winner of a search at block boundaries, cut again exactly over every node where a better split's cuts can lie."""
+    """The winner of a search at block boundaries, cut again exactly over every node where a better split's cuts
+    can lie."""
     g = planner.graphs(best.mesh["tp"])
     if pinned is not None or g.allowed is None or best.mesh["pp"] == 1:
         return best

@@ -9,11 +9,12 @@ checkpoints (``checkpoint``).
 from partitioner.schedules import Action, gpipe, one_f_one_b, simulate, to_chrome_trace
 
 from .checkpoint import merge_shards, merge_state_dicts
-from .launch import launch_local
+from .launch import launch_local, run_local
 from .pipeline import StageError
 from .pipelining import PipeliningSchedule, pipelining_schedule
 from .runner import Runner
 from .topology import Topology
 
 __all__ = ["Runner", "StageError", "Topology", "merge_shards", "merge_state_dicts", "pipelining_schedule",
-           "PipeliningSchedule", "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace", "launch_local"]
+           "PipeliningSchedule", "Action", "gpipe", "one_f_one_b", "simulate", "to_chrome_trace", "launch_local",
+           "run_local"]

@@ -80,6 +80,10 @@ def measure_link(group=None, *, sizes=LINK_SIZES, repeats: int = 7, device: torc
     if me < 2:
         peer = 1 - me if group is None else dist.get_global_rank(group, 1 - me)
     p2p, ring = [], []
+    for nbytes in sizes:        # untimed first: a fresh group sets up its connections and buffers on first use
+        x = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+        _ping_pong(x, me, peer, group, device)
+        _all_reduce(x, group, device)
     for nbytes in sizes:
         x = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
         p2p.append(_median([_ping_pong(x, me, peer, group, device) for _ in range(repeats)]))

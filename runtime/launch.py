@@ -57,3 +57,18 @@ def launch_local(argv: list[str], world_size: int, *, timeout_s: float,
             if p.poll() is None:
                 p.kill()
     return [p.wait() for p in procs], logs
+
+
+def run_local(argv: list[str], world_size: int, *, timeout_s: float, env: dict | None = None) -> list[str]:
+    """``launch_local`` where every rank must succeed: returns their output, or raises naming the first that failed.
+
+    Raises:
+        RuntimeError: a rank exited non-zero (the message ends with the last 4,000 characters of its output).
+        TimeoutError: as ``launch_local``.
+    """
+    codes, logs = launch_local(argv, world_size, timeout_s=timeout_s, env=env)
+    for r, (code, log) in enumerate(zip(codes, logs)):
+        if code != 0:
+            command = " ".join(map(str, argv))
+            raise RuntimeError(f"rank {r} of {world_size} ({command}) exited with {code}:\n{log[-4000:]}")
+    return logs
