@@ -160,7 +160,7 @@ class Planner:
             return _reject(base, f"interleaved 1F1B needs micro-batches in groups of pp={pp}, not m={m}")
         g = self.graphs(tp, recompute)
         if tp > 1 and not g.info.row and not g.info.expert:
-            return _reject(base, f"nothing in the graph shards {tp} ways (see strategy='tensor''s report)")
+            return _reject(base, _nothing_shards(g.info, tp))
         n_cuttable = int(g.costs.cuttable[1:len(g.costs.order)].sum())
         if g.allowed is not None and near is None and positions is None:
             n_cuttable = min(n_cuttable, len(g.allowed))
@@ -445,6 +445,14 @@ def _schedules(planner: Planner, mesh: dict, m: int, schedule: str | None, *, pi
             (m % pp == 0 or asked):
         out += [(INTERLEAVED, v) for v in ([n_virtual] if n_virtual else VIRTUAL)]
     return out
+
+
+def _nothing_shards(info, tp: int) -> str:
+    """Why a tensor degree is refused: no region shards, with the first reasons the analysis gave."""
+    why = list(dict.fromkeys(info.replicated.values()))
+    first = "; ".join(why[:2]) + (f"; and {len(why) - 2} more" if len(why) > 2 else "")
+    return (f"nothing in the graph shards {tp} ways" + (f" ({len(info.replicated)} matmuls or convolutions stay "
+            f"whole: {first})" if why else "") + "; plan with strategy='pipeline' or 'data', or mesh={'tp': 1, ...}")
 
 
 def _activations_too_big(c: Candidate) -> bool:

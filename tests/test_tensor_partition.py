@@ -380,3 +380,40 @@ def test_features_flattened_with_batch_and_sequence_stay_whole_with_the_reason()
     assert why.startswith("reshape") and "changes with the symbolic sizes" in why, why
     assert "up.weight" not in info.param_shards and info.param_shards["mlp.0.weight"] == Shard(0)
     _equal_at_both_shapes(plan, model, d=16)
+
+
+class _SamePadded(torch.nn.Module):
+    """TF-style "same" padding (MobileNet, EfficientNet ports): F.pad on the spatial dims before each conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 3, stride=2)
+        self.conv2 = torch.nn.Conv2d(64, 64, 3)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        x = torch.relu(self.conv2(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_padding_the_spatial_dims_keeps_channel_shards_and_the_plan_equals_the_model(n):
+    torch.manual_seed(0)
+    model, x = _SamePadded().eval(), torch.randn(2, 3, 16, 16)
+    plan = partition(model, n, (x,), strategy="tensor", device="cpu")
+    report = plan.report()
+    assert "pad" not in "".join(line for line in report.splitlines() if "replicated" in line), report
+    assert plan.sharding.param_shards["conv1.weight"] is not None
+    with torch.no_grad():
+        torch.testing.assert_close(plan(x), model(x))
+        other = torch.randn(3, 3, 20, 20)                    # another batch and image size
+        torch.testing.assert_close(plan(other), model(other))
+
+
+def test_a_tensor_degree_nothing_shards_is_refused_with_the_analysis_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"nothing in the graph shards 2 ways \(1 matmuls or convolutions stay whole: "
+                                         r"linear: dim 0 of 0.weight has size 3, not divisible by n = 2\); plan with "
+                                         r"strategy='pipeline' or 'data'"):
+        partition(model, 2, (torch.randn(4, 3),), strategy="tensor", device="cpu")

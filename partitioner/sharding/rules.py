@@ -349,6 +349,21 @@ def _spatial(t, node):
     return tuple(s for _ in outs) if isinstance(outs, (tuple, list)) else s
 
 
+@rule(aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad1d.default, aten.reflection_pad2d.default,
+      aten.reflection_pad3d.default, aten.replication_pad1d.default, aten.replication_pad2d.default,
+      aten.replication_pad3d.default)
+def _pad(t, node):
+    """Padding widens the last ``len(pad) // 2`` dims (TF-style "same" convolutions, Swin's windows): a value
+    split on an earlier dim stays split."""
+    s = _sharded(t, node, node.args[0])
+    if s is None:
+        return None
+    padded = len(node.args[1]) // 2
+    if s.dim >= len(_shape(node)) - padded:
+        raise NoRule(f"{node.name}: pads the sharded dim")
+    return s
+
+
 @rule(aten._native_batch_norm_legit_no_training.default, aten._native_batch_norm_legit.default,
       aten._native_batch_norm_legit_functional.default, aten.batch_norm.default)
 def _batch_norm(t, node):
