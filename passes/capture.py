@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
+import signal
+import threading
 import traceback
 from typing import Any
 
@@ -30,7 +33,7 @@ class CaptureError(RuntimeError):
 
 
 def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | None = None, *,
-            dynamic: bool = True) -> torch.fx.GraphModule:
+            dynamic: bool = True, symbolic_limit_s: float | None = None) -> torch.fx.GraphModule:
     """Capture ``model`` as an ATen-level GraphModule with fake values on every node.
 
     Tries ``torch.export`` non-strict first (it traces Hugging Face models, which
@@ -38,9 +41,12 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     default) every dimension of every tensor input is offered to export as dynamic
     (``Dim.AUTO``): the dimensions the model's code does not fix (batch, sequence length,
     image size under adaptive pooling) stay symbolic, so the graph runs other batch sizes
-    and lengths; the others are specialised to the example. If that capture fails, the
-    graph is captured with static shapes and its signature says why. A graph that is
-    already ATen-level with ``val`` meta is returned as is.
+    and lengths; the others are specialised to the example. If that capture fails, or torch's
+    shape reasoning takes longer than ``symbolic_limit_s`` (Swin's window arithmetic on a
+    symbolic image size: 90 s for a 2-block model, 6 minutes for Swin-T, against 1.6 s static),
+    only the batch dimension (dim 0 of each input) stays symbolic; failing that, every size is
+    static. The signature says which and why. A graph that is already ATen-level with ``val``
+    meta is returned as is.
 
     Costs read the example's sizes either way (``passes._util.node_value``).
     ``gm.meta["fxpart.signature"]`` (an ``InputSignature``) says, input by input and
@@ -51,6 +57,9 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
         example_inputs: positional inputs (a tuple; a single tensor is accepted too).
         example_kwargs: keyword inputs.
         dynamic: keep the dimensions the model allows symbolic (False: every size as in the example).
+        symbolic_limit_s: seconds the capture with every dimension symbolic may take before it is given up
+            for the batch dimension alone; None: ``SYMBOLIC_LIMIT_S`` (30 s, or the environment variable
+            ``FXPART_SYMBOLIC_CAPTURE_S``). Enforced on the main thread only (a timer signal).
 
     Returns:
         A ``GraphModule`` that, called like ``model``, returns what ``model`` returns
@@ -76,28 +85,78 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     _check_signature(model, args, kwargs)
     args, kwargs = _inputs_on_model_device(model, args, kwargs)
 
+    limit = _symbolic_limit() if symbolic_limit_s is None else symbolic_limit_s
     errors = []
-    attempts = [("export-nonstrict", True)] if dynamic else []
-    attempts += [("export-nonstrict", False), ("export-strict", False)]
+    attempts = [("export-nonstrict", "every"), ("export-nonstrict", "batch")] if dynamic else []
+    attempts += [("export-nonstrict", None), ("export-strict", None)]
     for method, symbolic in attempts:
-        shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
+        shapes = _dynamic_shapes(model, args, kwargs, batch_only=symbolic == "batch") if symbolic else None
         try:
-            with _no_kv_cache(model):
+            with _no_kv_cache(model), _time_limit(limit if symbolic == "every" else None):
                 ep = torch.export.export(model, args, kwargs, strict=(method == "export-strict"),
                                          dynamic_shapes=shapes)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported below
-            log.debug("capture with %s (dynamic=%s) failed", method, symbolic, exc_info=True)
-            errors.append((method + (" with dynamic shapes" if symbolic else ""), exc))
+        except (Exception, _TimeUp) as exc:  # noqa: BLE001 - every failure is reported below
+            log.debug("capture with %s (symbolic: %s) failed", method, symbolic, exc_info=True)
+            errors.append((method + (f" with {symbolic} dimension symbolic" if symbolic else ""), exc))
             continue
         gm = ep.module()
-        gm.meta[CAPTURE] = {"model": type(model).__name__, "method": method, "dynamic": symbolic}
-        reason = "" if symbolic else ("captured with dynamic=False" if not dynamic else
-                                      f"export with dynamic shapes failed: {_first_line(errors[0][1])}")
+        gm.meta[CAPTURE] = {"model": type(model).__name__, "method": method, "dynamic": symbolic is not None,
+                            "symbolic": symbolic}
+        reason = "" if symbolic == "every" else ("captured with dynamic=False" if not dynamic else
+                                                 _why_not_symbolic(errors[0][1]))
+        if symbolic == "batch":
+            reason = f"only the batch dimension varies: {reason}"
         gm.meta[SIGNATURE] = InputSignature.of(gm, model=model, ranges=ep.range_constraints, static_reason=reason)
         if errors:
-            log.info("captured %s with static shapes (%s)", type(model).__name__, reason)
+            (log.warning if isinstance(errors[0][1], _TimeUp) else log.info)(
+                "captured %s with %s (%s)", type(model).__name__,
+                "a symbolic batch only" if symbolic == "batch" else "static shapes", reason)
         return gm
     raise CaptureError(_explain_failure(model, errors)) from errors[0][1]
+
+
+SYMBOLIC_LIMIT_S = 30.0
+
+
+def _symbolic_limit() -> float:
+    value = os.environ.get("FXPART_SYMBOLIC_CAPTURE_S")
+    try:
+        return float(value) if value else SYMBOLIC_LIMIT_S
+    except ValueError:
+        raise ValueError(f"FXPART_SYMBOLIC_CAPTURE_S={value!r} is not a number of seconds") from None
+
+
+class _TimeUp(BaseException):
+    """The symbolic capture ran past its limit. A BaseException, so no ``except Exception`` inside torch's
+    tracing swallows it on the way out."""
+
+    def __init__(self, limit: float):
+        super().__init__(f"torch's shape reasoning took over {limit:g} s with every dimension symbolic "
+                         f"(capture(..., symbolic_limit_s=...) or FXPART_SYMBOLIC_CAPTURE_S allows longer)")
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise ``_TimeUp`` in the main thread after ``seconds`` (a real-time timer); no limit elsewhere, or when
+    the process already uses SIGALRM."""
+    usable = (seconds is not None and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+              and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimeUp(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def signature_of(gm: torch.fx.GraphModule) -> InputSignature:
@@ -108,11 +167,15 @@ def signature_of(gm: torch.fx.GraphModule) -> InputSignature:
     return sig
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """``Dim.AUTO`` on every dim of every tensor input, by the forward's parameter names."""
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, *, batch_only: bool = False):
+    """``Dim.AUTO`` on every dim of every tensor input (``batch_only``: on dim 0, the others static), by the
+    forward's parameter names."""
+    auto, static = torch.export.Dim.AUTO, torch.export.Dim.STATIC
+
     def spec(value):
         if isinstance(value, torch.Tensor):
-            return tuple(torch.export.Dim.AUTO for _ in range(value.dim())) if value.dim() else None
+            return tuple(auto if d == 0 or not batch_only else static for d in range(value.dim())) \
+                if value.dim() else None
         return None
 
     def tree(value):
@@ -132,6 +195,10 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
         else:
             out[name] = tree(value)
     return out
+
+
+def _why_not_symbolic(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, _TimeUp) else f"export with dynamic shapes failed: {_first_line(exc)}"
 
 
 def _first_line(exc: Exception) -> str:

@@ -103,7 +103,7 @@ class InputSignature:
             dims = ", ".join(str(d) if isinstance(d, int) else f"{d}{self._range_text(d)}" for d in spec.dims)
             lines.append(f"{spec.name}: {spec.dtype}[{dims}]")
         if self.static_reason:
-            lines.append(f"(every dimension static: {self.static_reason})")
+            lines.append(f"(static dimensions: {self.static_reason})")
         return "\n".join(lines)
 
     def _range_text(self, symbol: str) -> str:

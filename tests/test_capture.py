@@ -116,3 +116,43 @@ def test_untraceable_model_raises_capture_error_naming_model_and_remedy(model_cl
     message = str(info.value)
     assert "export-nonstrict" in message and "export-strict" in message   # both methods were tried
     assert "test_capture.py" in message                                    # the failing line of model code
+
+
+class _SlowToTrace(nn.Module):
+    """Stands in for a model whose symbolic shape reasoning runs for minutes (Swin's windows): tracing it
+    takes a second however its sizes are given."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        import time
+        time.sleep(1.0)
+        return self.proj(x).flatten(1)
+
+
+def test_a_symbolic_capture_past_its_time_limit_keeps_the_batch_symbolic_and_says_why(monkeypatch):
+    import signal
+    from partitioner import partition
+    from passes.signature import BatchError
+    model, x = _SlowToTrace().eval(), torch.randn(4, 6, 8)
+    gm = capture(model, (x,), symbolic_limit_s=0.3)
+    assert gm.meta["fxpart.capture"]["symbolic"] == "batch"
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    other = torch.randn(3, 6, 8)                                # the batch still varies
+    torch.testing.assert_close(gm(other), model(other))
+    monkeypatch.setenv("FXPART_SYMBOLIC_CAPTURE_S", "0.3")       # the limit partition's capture runs under
+    plan = partition(model, 2, (x,), strategy="pipeline", device="h100", training=False)
+    torch.testing.assert_close(plan(other), model(other))
+    with pytest.raises(BatchError, match=r"x dim 1 has size 5, .* it needs 6 \(only the batch dimension varies: "
+                                         r"torch's shape reasoning took over 0.3 s"):
+        plan(torch.randn(2, 5, 8))
+
+
+def test_a_symbolic_capture_within_its_limit_keeps_every_dimension_the_model_allows():
+    model, x = _SlowToTrace().eval(), torch.randn(4, 6, 8)
+    gm = capture(model, (x,), symbolic_limit_s=60)
+    assert gm.meta["fxpart.capture"]["symbolic"] == "every"
+    other = torch.randn(3, 5, 8)
+    torch.testing.assert_close(gm(other), model(other))
