@@ -208,6 +208,10 @@ def split_by_block(gm: torch.fx.GraphModule, *, recompute: bool = False) -> Unit
     from passes._util import block_path
     order = ComputeOrder.of(gm)
     ok = order.crossing()[2]
+    for v in _parameter_views(gm):       # a unit's parameter is freed (resharded) once it has run
+        if v in order.position:
+            for k in range(order.position[v] + 1, min(order.last_use.get(v, -1), len(order)) + 1):
+                ok[k] = False
     cuts, previous = [], None
     for k, node in enumerate(order.nodes):
         block = block_path(node)
@@ -228,6 +232,25 @@ def split_by_block(gm: torch.fx.GraphModule, *, recompute: bool = False) -> Unit
                                     list(wrapper.named_parameters(remove_duplicate=False)) +
                                     list(wrapper.named_buffers(remove_duplicate=False))}
     return wrapper
+
+
+def _parameter_views(gm: torch.fx.GraphModule) -> set:
+    """Nodes whose value may share a parameter's storage: views of it (``t``, ``view``, ``expand``, a split's
+    piece) and the tensor-parallel functions that pass it through (``copy_to_region``). Under FSDP such a
+    value must not leave the unit that holds the parameter: the unit frees its gathered parameters after
+    its forward, and the next unit would read freed memory."""
+    from passes._util import fetch_attr
+    views = {node for node in gm.graph.nodes
+             if node.op == "get_attr" and isinstance(fetch_attr(gm, node.target), torch.nn.Parameter)}
+    params = set(views)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not node.args or node.args[0] not in views:
+            continue
+        others = [a for a in node.all_input_nodes if a is not node.args[0]]
+        aliasing = getattr(node.target, "is_view", None)
+        if not others and (aliasing or aliasing is None):    # a view op, getitem, or a Python function
+            views.add(node)
+    return views - params
 
 
 def original_names(module: torch.nn.Module) -> dict:

@@ -6,6 +6,11 @@ used to fail in autograd, and every unit returning a view printed a warning. Uni
 copy of any input they write in place, and the Runner refuses a ``loss_fn`` that writes the
 model's outputs in place (which would drop FSDP's pre-backward hook silently).
 
+A value that is a view of a parameter (a norm weight passed into a tensor-parallel region, a
+weight's transpose) must not leave the unit that holds the parameter: FSDP frees the gathered
+parameter after the unit's forward and the next unit read freed memory (a segfault on Qwen3 at
+dp=2 x tp=2, sharded).
+
 The slow test launches this file as a script once per rank.
 """
 from __future__ import annotations
@@ -55,6 +60,36 @@ def _case():
     return _Model(), torch.randn(8, 16), torch.randn(8, 16)
 
 
+class _ViewAcross(nn.Module):
+    """A parameter viewed before the first block and read by the last one."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        s = self.scale.view(1, 16)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x * s
+
+
+def test_a_view_of_a_parameter_stays_in_the_unit_that_holds_the_parameter():
+    from passes import capture
+    from runtime.data_parallel import _parameter_views, split_by_block
+    torch.manual_seed(0)
+    model, x = _ViewAcross(), torch.randn(8, 16)
+    gm = capture(model, (x,))
+    assert [n.target for n in _parameter_views(gm)] == [torch.ops.aten.view.default]
+    units = split_by_block(gm)
+    for unit in units.units:
+        views = _parameter_views(unit)
+        outputs = next(iter(unit.graph.find_nodes(op="output"))).all_input_nodes
+        assert not views & set(outputs), unit.code
+    torch.testing.assert_close(units(x)[0], model(x))
+
+
 def test_a_unit_that_writes_its_input_in_place_works_on_a_copy_and_computes_the_same():
     from passes import capture
     from runtime.data_parallel import split_by_block
@@ -100,9 +135,22 @@ def _worker(out_path: str) -> None:
         Runner(plan, loss_fn=writes_outputs, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1)).step((x,), target)
     except Exception as e:          # noqa: BLE001 - the message is what the test reads
         refused = str(e)
+    torch.manual_seed(0)
+    viewed, reference_viewed = _ViewAcross(), _ViewAcross()
+    reference_viewed.load_state_dict(viewed.state_dict())
+    plan = partition(viewed, 2, (x,), strategy="data", data_parallel="shard", device="h100")
+    runner = Runner(plan, loss_fn=F.mse_loss, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    opt = torch.optim.SGD(reference_viewed.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        runner.step((x,), target)
+        F.mse_loss(reference_viewed(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+    viewed_state = runner.full_state_dict()
     if dist.get_rank() == 0:
         torch.save({"state": state, "reference": reference.state_dict(), "refused": refused,
-                    "warnings": [str(w.message) for w in caught]}, out_path)
+                    "warnings": [str(w.message) for w in caught], "viewed": viewed_state,
+                    "viewed_reference": reference_viewed.state_dict()}, out_path)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -116,6 +164,8 @@ def test_sharded_units_that_write_inputs_in_place_train_equal_to_one_process(tmp
         torch.testing.assert_close(got["state"][key], want, rtol=1e-5, atol=1e-5)
     assert not [w for w in got["warnings"] if "returned a view tensor" in w], got["warnings"]
     assert "loss_fn wrote the model's outputs in place" in got["refused"], got["refused"]
+    for key, want in got["viewed_reference"].items():       # a parameter's view read two units later
+        torch.testing.assert_close(got["viewed"][key], want, rtol=1e-5, atol=1e-5)
 
 
 if __name__ == "__main__":
