@@ -23,7 +23,7 @@ from .graph_split import ComputeOrder, build_stage, stage_outputs
 from .pipeline import PipelineCosts
 from .plan import Stage, StageCost, StageShard
 
-__all__ = ["anchors_of", "positions_of", "build_stages", "state_keys", "param_table", "shared_params"]
+__all__ = ["anchors_of", "positions_of", "build_stages", "state_keys", "unplaced", "param_table", "shared_params"]
 
 
 def _op(node: torch.fx.Node) -> str:
@@ -162,6 +162,15 @@ def state_keys(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[s
                 list(module.named_buffers(remove_duplicate=False)):
             held.setdefault(id(t), name)
     return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
+
+
+def unplaced(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` entries no stage holds, because no graph node reads them (an eval-mode BatchNorm's
+    ``num_batches_tracked``, an unused head): training never changes them, so the plan keeps them (shared, not
+    copied) for ``full_state_dict`` and merged checkpoints."""
+    held = {id(t) for module in modules for _, t in list(module.named_parameters(remove_duplicate=False)) +
+            list(module.named_buffers(remove_duplicate=False))}
+    return {key: t.detach() for key, t in model.state_dict(keep_vars=True).items() if id(t) not in held}
 
 
 def param_table(module: torch.nn.Module) -> dict[str, list]:

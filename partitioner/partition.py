@@ -22,7 +22,7 @@ from passes._keys import ESTIMATE
 from passes._util import module_paths
 from passes.capture import normalize_inputs, signature_of
 from passes.devices import DeviceSpec, get_device_spec
-from .build import anchors_of, build_stages, param_table, positions_of, shared_params, state_keys
+from .build import anchors_of, build_stages, param_table, positions_of, shared_params, state_keys, unplaced
 from .pipeline import BALANCES, SCHEDULES, memory_model
 from .plan import AXES, DP_MODES, PLAN_FORMAT, Decisions, Plan
 from .schedules import INTERLEAVED
@@ -168,6 +168,7 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
                 lower_bound_s=max(float(times.sum()) / len(stages), float(times.max(initial=0.0))),
                 shared_params=shared_params(modules, gm),
                 state_keys=state_keys(model, modules) if model is not gm else {},
+                unplaced=unplaced(model, modules) if model is not gm else {},
                 params=param_table(model), sharding=g.info, candidates=tuple(tried))
 
 

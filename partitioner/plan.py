@@ -206,6 +206,7 @@ class Plan:
     lower_bound_s: float = 0.0            # max(total / stages, largest node): no cut can beat it
     shared_params: dict = field(default_factory=dict)   # tied parameter -> stages holding it
     state_keys: dict = field(default_factory=dict)
+    unplaced: dict = field(default_factory=dict)        # model key -> tensor no stage holds (nothing reads it)
     params: dict = field(default_factory=dict)          # model parameter name -> [shape, dtype]: what the plan depends on
     sharding: Any = None                  # tp > 1: partitioner.tensor.TensorSharding (what was split, why not)
     candidates: tuple = ()                # strategy="auto": partitioner.search.Candidate per mesh tried

@@ -32,24 +32,29 @@ def local_state(module: torch.nn.Module, *, full_over_dp: bool, names: dict | No
     return out
 
 
-def gather_full_state(local: dict, *, coords, mesh: dict, state_keys: dict, split: dict) -> dict | None:
+def gather_full_state(local: dict, *, coords, mesh: dict, state_keys: dict, split: dict,
+                      unplaced: dict | None = None) -> dict | None:
     """The whole model's state dict on rank 0 (None elsewhere) from every rank's ``local`` state.
 
-    ``split`` maps a model key to the ``Shard`` layout of a tensor-parallel split parameter.
+    ``split`` maps a model key to the ``Shard`` layout of a tensor-parallel split parameter;
+    ``unplaced`` (``plan.unplaced``) holds the entries no stage holds.
     """
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(((coords.pp, coords.dp, coords.tp), local), parts, dst=0)
     if dist.get_rank() != 0:
         return None
-    return assemble([p for p in parts], mesh=mesh, state_keys=state_keys, split=split)
+    return assemble([p for p in parts], mesh=mesh, state_keys=state_keys, split=split, unplaced=unplaced)
 
 
-def assemble(parts: list, *, mesh: dict, state_keys: dict, split: dict, dp_sharded: dict | None = None) -> dict:
+def assemble(parts: list, *, mesh: dict, state_keys: dict, split: dict, dp_sharded: dict | None = None,
+             unplaced: dict | None = None) -> dict:
     """One state dict from ``[((pp, dp, tp), state by module name), ...]`` of every rank.
 
     ``dp_sharded``: module name -> True for tensors whose pieces are data-parallel shards
     (concatenated along dim 0 over the replicas); otherwise replica 0's copy is taken.
+    ``unplaced``: model key -> tensor for the entries no stage holds (nothing reads them).
     """
+    unplaced = unplaced or {}
     by = {coords: state for coords, state in parts}
     out: dict = {}
     keys = list(state_keys) or sorted({k for _, s in parts for k in s})
@@ -65,6 +70,9 @@ def assemble(parts: list, *, mesh: dict, state_keys: dict, split: dict, dp_shard
             out[key] = join_shards(shards, split[key]) if key in split and mesh["tp"] > 1 else shards[0]
             break
         else:
+            if key in unplaced:
+                out[key] = unplaced[key].detach().cpu().clone()
+                continue
             raise KeyError(f"no stage holds {key!r} (module name {name!r}): parameters no graph node reads are not "
                            f"placed on any stage")
     return out
@@ -111,4 +119,4 @@ def merge_shards(directory: str) -> dict:
     parts = [(tuple(s["coords"]), s["model"]) for s in shards]
     dp_sharded = {name: True for s in shards for name in (s.get("dp_sharded") or {})}   # every stage's
     return assemble(parts, mesh=mesh, state_keys=shards[0]["state_keys"], split=shards[0]["split"],
-                    dp_sharded=dp_sharded)
+                    dp_sharded=dp_sharded, unplaced={k: t for s in shards for k, t in (s.get("unplaced") or {}).items()})

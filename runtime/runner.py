@@ -250,7 +250,7 @@ class Runner:
         """
         local = local_state(self.module, full_over_dp=True, names=original_names(self.module))
         return gather_full_state(local, coords=self.coords, mesh=self.mesh, state_keys=self._state_keys(),
-                                 split=self._split_keys())
+                                 split=self._split_keys(), unplaced=self.plan.unplaced)
 
     def shard_state_dict(self) -> dict:
         """This rank's tensors under the model's own keys (tensor slices as held; data-parallel shards gathered)."""
@@ -269,7 +269,8 @@ class Runner:
         optim = self.optimizer.state_dict() if self.optimizer is not None else None
         torch.save({"rank": self.rank, "mesh": self.mesh, "coords": (self.coords.pp, self.coords.dp, self.coords.tp),
                     "model": model, "optimizer": optim, "state_keys": self._state_keys(), "split": self._split_keys(),
-                    "dp_sharded": dp_sharded}, path)
+                    "dp_sharded": dp_sharded,
+                    "unplaced": {k: t.cpu() for k, t in self.plan.unplaced.items()} if self.rank == 0 else {}}, path)
         return path
 
     def load_shard(self, directory: str) -> None:

@@ -306,3 +306,22 @@ def test_flop_balanced_plans_are_timed_in_seconds():
     # the same model on the same device: the steps differ by the balance of their cuts, not by units
     assert 0.5 < by_flops.cost.step_time_s / by_time.cost.step_time_s < 2.0
     assert by_time.cost.step_time_s <= by_flops.cost.step_time_s * (1 + 1e-9)
+
+
+def test_state_no_graph_node_reads_is_kept_by_the_plan_for_the_whole_state_dict():
+    """An eval-mode BatchNorm never reads ``num_batches_tracked``: no stage holds it, yet the assembled
+    state dict (``Runner.full_state_dict``, ``merge_shards``) has every key of ``model.state_dict()``."""
+    from passes import zoo
+    from runtime.checkpoint import assemble
+    case = zoo.make("small_cnn")
+    model = case.model.eval()
+    plan = partitioner.partition(model, 2, case.args, strategy="pipeline", device="h100", training=False)
+    assert plan.unplaced and all(k.endswith("num_batches_tracked") for k in plan.unplaced)
+    parts = [((s, 0, 0), dict(stage.module.state_dict())) for s, stage in enumerate(plan.stages)]
+    whole = assemble(parts, mesh=plan.mesh, state_keys=plan.state_keys, split={}, unplaced=plan.unplaced)
+    want = model.state_dict()
+    assert list(whole) == list(want)
+    for key, value in want.items():
+        torch.testing.assert_close(whole[key], value)
+    with pytest.raises(KeyError, match="no stage holds"):
+        assemble(parts, mesh=plan.mesh, state_keys=plan.state_keys, split={})
