@@ -166,7 +166,9 @@ def _build(planner: Planner, best: Candidate, model: nn.Module, name: str, *, st
     return Plan(decisions=decisions, stages=stages, cost=best.cost, signature=signature_of(gm),
                 out_spec=info.out_spec if info else None, model=name,
                 lower_bound_s=max(float(times.sum()) / len(stages), float(times.max(initial=0.0))),
-                shared_params=shared_params(modules, gm),
+                # tied parameters by the graphs the ranks run: a tensor shard places a row-parallel bias after the
+                # all-reduce, so a stage boundary can fall between a weight and its bias
+                shared_params=shared_params([st.tp_shards[0].module if st.tp_shards else st.module for st in stages], gm),
                 state_keys=state_keys(model, modules) if model is not gm else {},
                 unplaced=unplaced(model, modules) if model is not gm else {},
                 params=param_table(model), sharding=g.info, candidates=tuple(tried))

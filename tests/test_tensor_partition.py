@@ -417,3 +417,22 @@ def test_a_tensor_degree_nothing_shards_is_refused_with_the_analysis_reason():
                                          r"linear: dim 0 of 0.weight has size 3, not divisible by n = 2\); plan with "
                                          r"strategy='pipeline' or 'data'"):
         partition(model, 2, (torch.randn(4, 3),), strategy="tensor", device="cpu")
+
+
+def test_weights_shared_across_stages_are_listed_by_the_shard_graphs_the_ranks_run():
+    """ALBERT runs one layer's weights at every depth. A tensor shard adds a row-parallel bias after the
+    all-reduce, so a stage boundary can fall between a weight and its bias: the tied-parameter table must
+    name the stages whose shard graphs hold each one, or the Runner's gradient sync refuses."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, embedding_size=32, max_position_embeddings=64)
+    model = AlbertForMaskedLM(config).eval()
+    ids = torch.randint(0, 1000, (8, 16))
+    plan = partition(model, 4, (ids,), mesh={"tp": 2, "pp": 2}, n_virtual=4, device="h100")
+    assert len(plan.stages) == 8 and plan.shared_params
+    holders: dict = {}
+    for s, stage in enumerate(plan.stages):
+        for name, _ in stage.shards[0].module.named_parameters():
+            holders.setdefault(name, []).append(s)
+    assert plan.shared_params == {name: stages for name, stages in holders.items() if len(stages) > 1}
