@@ -101,12 +101,13 @@ class GradSync:
 
 
 def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_forward: bool,
-                 recompute: bool = False) -> torch.nn.Module:
+                 recompute: bool = False, keep_whole: tuple = ()) -> torch.nn.Module:
     """``fully_shard`` a stage's graph over the data-parallel axis of ``device_mesh`` (FSDP2), one group per block.
 
     Returns the wrapping module (``Units``); ``original_names(module)`` maps its parameter and
     buffer names back to the stage graph's, ``replicated_params(module)`` lists the parameters
-    left whole (read by several blocks), whose gradients the caller averages.
+    left whole (read by several blocks, or named in ``keep_whole``: a weight tied across stages,
+    whose gradient is summed with the other stages' whole), whose gradients the caller averages.
     """
     from torch.distributed.fsdp import fully_shard
     units = split_by_block(module, recompute=recompute)
@@ -115,7 +116,7 @@ def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_for
     # refuses a loss_fn that writes the outputs in place, so the warning is silenced for our units only.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPUnit\d+|FSDPUnits)\) returned a view",
                             category=UserWarning)
-    shared = units.shared_params()
+    shared = units.shared_params() | set(keep_whole)
     for unit in units.units:
         own = list(unit.parameters())
         if own and any(p not in shared for p in own):

@@ -141,8 +141,10 @@ class Runner:
         group = self.topology.group("dp") if dp > 1 else None
         for s, graph in self._graphs.items():
             if shard:
+                tied = dict(graph.named_parameters())
                 modules[s] = shard_module(graph, self.topology.device_mesh["dp"],
-                                          reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute)
+                                          reshard_after_forward=self.mesh["pp"] == 1, recompute=recompute,
+                                          keep_whole=tuple(tied[name] for name in plan.shared_params if name in tied))
                 whole = replicated_params(modules[s])
                 if whole:                              # read by several blocks: replicated, gradients averaged
                     syncs[s] = [GradSync(whole, group)]

@@ -44,6 +44,11 @@ def _case(name: str, batch: int):
         c = zoo.make("llama", hidden=32, vocab=VOCAB, batch=batch, seq=8)
     elif name in ("phi3", "falcon", "mixtral"):   # fused qkv / gate_up, x @ W.T, MoE experts
         c = zoo.make(name, vocab=VOCAB, batch=batch, seq=8)
+    elif name == "bart":      # one embedding read by the encoder and the decoder, tied to the head
+        c = zoo.make("bart", vocab=VOCAB, batch=batch, seq=8, decoder_seq=6)
+        decoder = c.kwargs["decoder_input_ids"]
+        return c.model, (), {"input_ids": c.args[0], **c.kwargs}, \
+            torch.randint(0, VOCAB, decoder.shape, generator=gen), lambda out, t: _token_loss(out.logits, t)
     else:
         raise ValueError(name)
     ids = c.args[0]
@@ -80,7 +85,8 @@ MESHES = {   # name -> (mesh, data-parallel mode, models)
     "dp4": ({"dp": 4}, "replicate", ("mlp", "gpt2", "llama")),
     "dp4-shard": ({"dp": 4}, "shard", ("mlp", "gpt2", "llama")),
     "dp2pp2": ({"dp": 2, "pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
-    "dp2pp2-shard": ({"dp": 2, "pp": 2}, "shard", ("mlp", "gpt2", "llama")),
+    # bart: stage 0 reads the tied embedding in two blocks (kept whole there), stage 1 in its head
+    "dp2pp2-shard": ({"dp": 2, "pp": 2}, "shard", ("mlp", "gpt2", "llama", "bart")),
     "dp2tp2": ({"dp": 2, "tp": 2}, "replicate", ("mlp", "gpt2", "llama")),
     "tp2pp2": ({"tp": 2, "pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
     "dp2tp2pp2": ({"dp": 2, "tp": 2, "pp": 2}, "replicate", ("mlp", "gpt2", "llama")),
