@@ -162,8 +162,8 @@ def shard_graph(gm: torch.fx.GraphModule, n: int, *, spec, training: bool,
         sharded_param_bytes=sum(b for b, _ in full.values()), max_shard_sharded_bytes=local,
         param_shards={node.target: shard for node, shard in sliced.items()},
         param_bytes=sum(every.values()), whole_params=whole_params(gm, sh, sliced))
-    if not sh.reduce:
-        log.warning("tensor plan: no matmul could be sharded %d ways; every shard replicates the whole model", n)
+    if not sh.reduce:      # the search rejects this degree and says why (plan.candidates); no plan replicates it all
+        log.debug("tensor analysis: no matmul or convolution shards %d ways", n)
     return ShardedGraph(gm, info, sh, sliced, spec, link, training)
 
 
