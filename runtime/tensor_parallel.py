@@ -34,6 +34,7 @@ import torch.fx
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
 from partitioner.sharding.layout import Shard, join_shards_like, segments_of
 from passes._keys import LOCAL_SLICE, SHARD
+from passes._util import written_bases
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; older releases have only the former
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -264,6 +265,7 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
             graph.erase_node(node)
             if not reduce.users:
                 graph.erase_node(reduce)
+    _copy_where_written(graph)
     leftover = [n.format_node() for n in graph.nodes if n.target in (ALL_REDUCE, ALL_GATHER, WAIT)]
     if leftover:
         raise ValueError(f"megatron_graph: collectives it cannot pair (all_reduce or all_gather_into_tensor, then "
@@ -273,6 +275,17 @@ def megatron_graph(module: torch.fx.GraphModule, *, group_name: str, param_shard
     log.debug("shard graph with f/g: %d f, %d g", len(entered),
               sum(n.target is reduce_from_region for n in graph.nodes))
     return gm
+
+
+def _copy_where_written(graph: torch.fx.Graph) -> None:
+    """f returns a view of its input (identity forward); autograd forbids writing in place into a custom
+    Function's view output (RegNet's in-place ReLU on a slice of it). Such an f gets a copy first."""
+    written = {w for node in graph.nodes for w in written_bases(node)}
+    for node in [n for n in graph.nodes if n.target in (copy_to_region, sum_in_replicas) and n in written]:
+        with graph.inserting_after(node):
+            fresh = graph.call_function(torch.ops.aten.clone.default, (node,))
+        fresh.meta = dict(node.meta)
+        node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
 
 
 def join_shards(parts: list[torch.Tensor], shard) -> torch.Tensor:

@@ -436,3 +436,27 @@ def test_weights_shared_across_stages_are_listed_by_the_shard_graphs_the_ranks_r
         for name, _ in stage.shards[0].module.named_parameters():
             holders.setdefault(name, []).append(s)
     assert plan.shared_params == {name: stages for name, stages in holders.items() if len(stages) > 1}
+
+
+def test_a_value_entering_a_shard_that_the_model_writes_in_place_enters_as_a_copy():
+    """Megatron's f passes a replicated value into the region as a view (identity forward); autograd forbids an
+    in-place write into it (RegNet's in-place ReLU on a channel slice failed at tp=4), so f is followed by a copy
+    there, and only there."""
+    from transformers import RegNetConfig, RegNetForImageClassification
+    from passes._util import written_bases
+    from runtime.tensor_parallel import copy_to_region, megatron_graph, sum_in_replicas
+    torch.manual_seed(0)
+    model = RegNetForImageClassification(RegNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                                      groups_width=8, num_labels=10)).eval()
+    import dataclasses
+    from passes.devices import get_device_spec
+    h100 = get_device_spec("h100")      # a link as slow against compute as gloo on a CPU: convs split as there
+    cpu_like = dataclasses.replace(h100, link_bandwidth_Bps=h100.flops_per_s(torch.float32) / 26)
+    plan = partition(model, 4, (torch.randn(4, 3, 32, 32),), strategy="tensor", device=cpu_like)
+    gm = megatron_graph(plan.stages[0].shards[0].module, group_name="0",
+                        param_shards=dict(plan.sharding.param_shards))
+    f_nodes = [n for n in gm.graph.nodes if n.target in (copy_to_region, sum_in_replicas)]
+    written = {w for n in gm.graph.nodes for w in written_bases(n)}
+    copied = [n for n in f_nodes if any(u.target is torch.ops.aten.clone.default for u in n.users)]
+    assert f_nodes and not written & set(f_nodes)
+    assert copied and len(copied) < len(f_nodes)        # a copy only where the model writes
