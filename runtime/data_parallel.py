@@ -122,7 +122,9 @@ def shard_module(module: torch.fx.GraphModule, device_mesh, *, reshard_after_for
         if own and any(p not in shared for p in own):
             fully_shard(unit, mesh=device_mesh, reshard_after_forward=reshard_after_forward,
                         ignored_params={p for p in own if p in shared} or None)
-    units.meta["fxpart.replicated"] = list(shared)
+    # in the module's order, the same on every replica (a set's order follows object ids, which differ between
+    # processes, and GradSync all-reduces its buckets element by element)
+    units.meta["fxpart.replicated"] = list({id(p): p for p in units.parameters() if p in shared}.values())
     return fully_shard(units, mesh=device_mesh, reshard_after_forward=reshard_after_forward,
                        ignored_params=shared or None)
 
