@@ -121,18 +121,33 @@ def partition(model_or_gm: nn.Module, n_devices: int, example_inputs: Any = (), 
     if fixed is not None:
         _check_cuttable(planner, fixed, est.model)
     positions = _pinned_positions(planner.graphs(fixed["tp"]).costs, cuts, fixed["pp"]) if cuts is not None else None
-    start = time.perf_counter()
-    try:
-        best, tried = search(planner, candidate_meshes, n_microbatches=n_microbatches, schedule=schedule,
-                             data_parallel=data_parallel, positions=positions, recompute=recompute,
-                             n_virtual=n_virtual)
-    except ValueError as exc:
-        raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
-    best = _refined(planner, best, positions)
-    log.debug("searched %d candidates in %.1f s", len(tried), time.perf_counter() - start)
-    start = time.perf_counter()
-    plan = _build(planner, best, model_or_gm, est.model, strategy=strategy, tried=tried)
-    log.debug("built the plan's modules in %.1f s", time.perf_counter() - start)
+    def plan_with(data_parallel, n_virtual, schedule) -> Plan:
+        start = time.perf_counter()
+        try:
+            best, tried = search(planner, candidate_meshes, n_microbatches=n_microbatches, schedule=schedule,
+                                 data_parallel=data_parallel, positions=positions, recompute=recompute,
+                                 n_virtual=n_virtual)
+        except ValueError as exc:
+            raise ValueError(f"no plan of {est.model} on {n_devices} devices fits {exc}") from None
+        best = _refined(planner, best, positions)
+        log.debug("searched %d candidates in %.1f s", len(tried), time.perf_counter() - start)
+        start = time.perf_counter()
+        built = _build(planner, best, model_or_gm, est.model, strategy=strategy, tried=tried)
+        log.debug("built the plan's modules in %.1f s", time.perf_counter() - start)
+        return built
+
+    plan = plan_with(data_parallel, n_virtual, schedule)
+    tied = _tied_on_one_rank(plan)
+    if tied is not None:       # FSDP would shard one tensor twice on a rank: interleave or shard, not both
+        interleave_pinned = (n_virtual or 1) > 1 or schedule == INTERLEAVED
+        if interleave_pinned and data_parallel == "shard":
+            raise ValueError(f"{est.model}: parameter {tied[0]!r} is tied across stages {tied[1]}, which interleaving "
+                             f"puts on one rank; data_parallel='shard' cannot shard one parameter for two stages of a "
+                             f"rank. Use data_parallel='replicate', or schedule='1f1b'")
+        log.info("%s: tied parameter %s on one rank under interleaving and sharding; planning again without %s",
+                 est.model, tied[0], "sharding" if interleave_pinned else "interleaving")
+        plan = plan_with("replicate", n_virtual, schedule) if interleave_pinned else \
+            plan_with(data_parallel, 1, None if schedule == INTERLEAVED else schedule)
     _warn_batch_statistics(gm, plan)
     log.debug("plan:\n%s", plan.report())
     return plan
@@ -195,6 +210,18 @@ def _check_cuttable(planner: Planner, mesh: dict, model: str) -> None:
     if mesh["pp"] - 1 > n_cuttable:
         raise ValueError(f"cannot cut {model} into {mesh['pp']} non-empty stages: its graph has {n_nodes} compute "
                          f"nodes and only {n_cuttable} places to cut; use at most {n_cuttable + 1} stages")
+
+
+def _tied_on_one_rank(plan: Plan) -> tuple | None:
+    """A parameter tied across two stages that interleaving puts on one rank, in a plan that shards over dp:
+    (name, its stages), else None."""
+    if plan.data_parallel != "shard" or plan.mesh["dp"] == 1 or plan.n_virtual == 1:
+        return None
+    pp = plan.mesh["pp"]
+    for name, stages in plan.shared_params.items():
+        if len({s % pp for s in stages}) < len(stages):
+            return name, stages
+    return None
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -460,3 +460,19 @@ def test_a_value_entering_a_shard_that_the_model_writes_in_place_enters_as_a_cop
     copied = [n for n in f_nodes if any(u.target is torch.ops.aten.clone.default for u in n.users)]
     assert f_nodes and not written & set(f_nodes)
     assert copied and len(copied) < len(f_nodes)        # a copy only where the model writes
+
+
+def test_interleaving_that_puts_a_tied_weight_twice_on_a_rank_is_not_combined_with_sharding():
+    """FSDP cannot shard one parameter for two stages of a rank: the planner plans without interleaving (or
+    without sharding when interleaving is asked for), and says so when both are pinned."""
+    from transformers import AlbertConfig, AlbertForMaskedLM
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, embedding_size=32, max_position_embeddings=64)
+    model, ids = AlbertForMaskedLM(config).eval(), torch.randint(0, 1000, (8, 16))
+    plan = partition(model, 4, (ids,), mesh={"dp": 2, "pp": 2}, data_parallel="shard", device="h100")
+    assert plan.data_parallel == "shard" and plan.n_virtual == 1
+    plan = partition(model, 4, (ids,), mesh={"dp": 2, "pp": 2}, n_virtual=2, device="h100")
+    assert plan.n_virtual == 2 and plan.data_parallel == "replicate"
+    with pytest.raises(ValueError, match=r"tied across stages .* Use data_parallel='replicate', or schedule='1f1b'"):
+        partition(model, 4, (ids,), mesh={"dp": 2, "pp": 2}, n_virtual=2, data_parallel="shard", device="h100")
