@@ -276,6 +276,13 @@ def _explain_failure(model: nn.Module, errors: list[tuple[str, Exception]]) -> s
         where = _user_frame(exc)
         if where:
             lines.append(f"    at {where}")
+    data_dependent = any("data-dependent" in str(exc) or type(exc).__name__.startswith("GuardOnDataDependent")
+                         for _, exc in errors)
+    if model.training and data_dependent:
+        lines.append(
+            f"{type(model).__name__} is in training mode, where some models branch in Python on random draws "
+            f"(LayerDrop, SpecAugment masks, router jitter), which no graph can hold: capture it after "
+            f"model.eval(), or set those probabilities to 0 (e.g. config.layerdrop=0, mask_time_prob=0).")
     lines.append(
         "Try: make data-dependent Python control flow tensor-free (or use torch.cond), make sure "
         "example_inputs/example_kwargs are what forward() expects, pass use_cache=False to Hugging Face "

@@ -156,3 +156,24 @@ def test_a_symbolic_capture_within_its_limit_keeps_every_dimension_the_model_all
     assert gm.meta["fxpart.capture"]["symbolic"] == "every"
     other = torch.randn(3, 5, 8)
     torch.testing.assert_close(gm(other), model(other))
+
+
+class _LayerDrop(nn.Module):
+    """Skips its layer at random in training, as LayerDrop does: a Python branch on a random draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if self.training and torch.rand(()) < 0.1:
+            return x
+        return self.layer(x)
+
+
+def test_a_model_that_branches_on_random_draws_in_training_is_refused_with_the_eval_remedy():
+    model, x = _LayerDrop(), torch.randn(2, 8)
+    with pytest.raises(CaptureError, match=r"_LayerDrop is in training mode.*capture it after model.eval\(\)"):
+        capture(model.train(), (x,))
+    gm = capture(model.eval(), (x,))
+    torch.testing.assert_close(gm(x), model(x))
