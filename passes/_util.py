@@ -15,8 +15,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._keys import EXAMPLE_VAL
 
-__all__ = ["node_value", "hint", "is_symbolic", "module_path", "module_paths", "block_path", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes", "format_count",
-           "format_seconds", "table"]
+__all__ = ["node_value", "hint", "is_symbolic", "module_path", "module_paths", "block_path", "written_bases",
+           "copy_for_writers", "tensors_of", "tensor_bytes", "fetch_attr", "flatten_inputs", "format_bytes",
+           "format_count", "format_seconds", "table"]
 
 
 def node_value(node: torch.fx.Node) -> Any:
@@ -128,6 +129,16 @@ def written_bases(node: torch.fx.Node) -> list[torch.fx.Node]:
                 value = value.args[0]
             written.append(value)
     return written
+
+
+def copy_for_writers(graph: torch.fx.Graph, node: torch.fx.Node, *, after: torch.fx.Node) -> torch.fx.Node:
+    """Insert ``clone(node)`` after ``after`` and route every user of ``node`` through it (so in-place writes
+    land on the copy); returns the copy."""
+    with graph.inserting_after(after):
+        copy = graph.call_function(torch.ops.aten.clone.default, (node,))
+    copy.meta = dict(node.meta)
+    node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    return copy
 
 
 def tensors_of(value: Any) -> list[torch.Tensor]:

@@ -188,14 +188,11 @@ def _copy_written_inputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     FSDP2 passes a unit's inputs through an autograd function and hooks its outputs; autograd forbids
     writing in place into that function's outputs, and a write into a view output drops the hook.
     """
-    from passes._util import written_bases
+    from passes._util import copy_for_writers, written_bases
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     written = {w for n in gm.graph.nodes for w in written_bases(n)}
     for node in (n for n in inputs if n in written):
-        with gm.graph.inserting_after(inputs[-1]):
-            copy = gm.graph.call_function(torch.ops.aten.clone.default, (node,))
-        copy.meta = dict(node.meta)
-        node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        copy_for_writers(gm.graph, node, after=inputs[-1])
     if written & set(inputs):
         gm.recompile()
     return gm

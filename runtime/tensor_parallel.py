@@ -34,7 +34,7 @@ import torch.fx
 from partitioner.sharding import ALL_GATHER, ALL_REDUCE, WAIT
 from partitioner.sharding.layout import Shard, join_shards_like, segments_of
 from passes._keys import LOCAL_SLICE, SHARD
-from passes._util import written_bases
+from passes._util import copy_for_writers, written_bases
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single; older releases have only the former
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -282,10 +282,7 @@ def _copy_where_written(graph: torch.fx.Graph) -> None:
     Function's view output (RegNet's in-place ReLU on a slice of it). Such an f gets a copy first."""
     written = {w for node in graph.nodes for w in written_bases(node)}
     for node in [n for n in graph.nodes if n.target in (copy_to_region, sum_in_replicas) and n in written]:
-        with graph.inserting_after(node):
-            fresh = graph.call_function(torch.ops.aten.clone.default, (node,))
-        fresh.meta = dict(node.meta)
-        node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
+        copy_for_writers(graph, node, after=node)
 
 
 def join_shards(parts: list[torch.Tensor], shard) -> torch.Tensor:
