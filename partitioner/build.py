@@ -156,20 +156,25 @@ def state_keys(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[s
     Tied tensors (an embedding and its head) have several keys and one name. A key whose
     tensor no stage holds keeps its own name (``full_state_dict`` then reports it missing).
     """
+    held = _held(modules)
+    return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
+
+
+def _held(modules: list[torch.nn.Module]) -> dict[int, str]:
+    """id of every tensor the stage ``modules`` hold -> the first name it is held under."""
     held: dict[int, str] = {}
     for module in modules:
         for name, t in list(module.named_parameters(remove_duplicate=False)) + \
                 list(module.named_buffers(remove_duplicate=False)):
             held.setdefault(id(t), name)
-    return {key: held.get(id(t), key) for key, t in model.state_dict(keep_vars=True).items()}
+    return held
 
 
 def unplaced(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` entries no stage holds, because no graph node reads them (an eval-mode BatchNorm's
     ``num_batches_tracked``, an unused head): training never changes them, so the plan keeps them (shared, not
     copied) for ``full_state_dict`` and merged checkpoints."""
-    held = {id(t) for module in modules for _, t in list(module.named_parameters(remove_duplicate=False)) +
-            list(module.named_buffers(remove_duplicate=False))}
+    held = _held(modules)
     return {key: t.detach() for key, t in model.state_dict(keep_vars=True).items() if id(t) not in held}
 
 
