@@ -131,25 +131,32 @@ def test_replicated_parameters_of_a_sharded_stage_are_listed_in_the_modules_orde
             dist.destroy_process_group()
 
 
+def _train_sharded(model, reference, x, target):
+    """Three SGD steps of ``model`` sharded over 2 ranks and of ``reference`` in this process; the plan and the
+    whole trained state (on rank 0)."""
+    from partitioner import partition
+    from runtime import Runner
+    plan = partition(model, 2, (x,), strategy="data", data_parallel="shard", device="h100")
+    runner = Runner(plan, loss_fn=F.mse_loss, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        runner.step((x,), target)
+        F.mse_loss(reference(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+    return plan, runner.full_state_dict()
+
+
 def _worker(out_path: str) -> None:
     import torch.distributed as dist
-    from partitioner import partition
     from runtime import Runner
     warnings.simplefilter("always")
     dist.init_process_group("gloo")
     model, x, target = _case()
     reference = _Model()
     reference.load_state_dict(model.state_dict())
-    plan = partition(model, 2, (x,), strategy="data", data_parallel="shard", device="h100")
-    runner = Runner(plan, loss_fn=F.mse_loss, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     with warnings.catch_warnings(record=True) as caught:        # every warning ("always" above), bar filtered ones
-        for _ in range(3):
-            runner.step((x,), target)
-            F.mse_loss(reference(x), target).backward()
-            opt.step()
-            opt.zero_grad()
-    state = runner.full_state_dict()
+        plan, state = _train_sharded(model, reference, x, target)
 
     def writes_outputs(out, t):
         out.mul_(2)
@@ -162,15 +169,7 @@ def _worker(out_path: str) -> None:
     torch.manual_seed(0)
     viewed, reference_viewed = _ViewAcross(), _ViewAcross()
     reference_viewed.load_state_dict(viewed.state_dict())
-    plan = partition(viewed, 2, (x,), strategy="data", data_parallel="shard", device="h100")
-    runner = Runner(plan, loss_fn=F.mse_loss, optimizer_fn=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
-    opt = torch.optim.SGD(reference_viewed.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
-        runner.step((x,), target)
-        F.mse_loss(reference_viewed(x), target).backward()
-        opt.step()
-        opt.zero_grad()
-    viewed_state = runner.full_state_dict()
+    _, viewed_state = _train_sharded(viewed, reference_viewed, x, target)
     if dist.get_rank() == 0:
         torch.save({"state": state, "reference": reference.state_dict(), "refused": refused,
                     "warnings": [str(w.message) for w in caught], "viewed": viewed_state,
